@@ -1,0 +1,255 @@
+"""GroundingGPT (the release's LEGOLlamaForCausalLM), reference path.
+
+Data flows one way: media -> branch (frozen encoder -> trainable adapter) -> LLM embeddings
+-> Llama backbone -> lm_head. Module names are the release's, so `state_dict()` keys are
+`model.embed_tokens...`, `model.video_Qformer.bert...`, `lm_head.weight` etc.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import CLIPVisionConfig, CLIPVisionModel, LlamaModel
+
+from fastground.config import GroundingGPTConfig
+from fastground.model.backbone import announce_backend, llama_config
+from fastground.model.eva_vit import EVAVisionTransformer
+from fastground.model.imagebind_audio import ImageBindAudioEncoder
+from fastground.model.qformer import QFormer, QFormerSpec, init_qformer_weights
+
+# Modules that never train (the release freezes them and keeps them in eval mode).
+FROZEN_ENCODERS = ("vision_tower", "visual_encoder", "ln_vision", "Qformer", "audio_encoder")
+FROZEN_PARAMS = ("query_tokens",)
+
+
+def qformer_spec(cfg: GroundingGPTConfig, num_layers: int, encoder_width: int, freq: int) -> QFormerSpec:
+    return QFormerSpec(
+        hidden_size=cfg.qformer_hidden_size, num_layers=num_layers, num_heads=cfg.qformer_num_heads,
+        intermediate_size=cfg.qformer_intermediate_size, encoder_width=encoder_width,
+        cross_attention_freq=freq, layer_norm_eps=cfg.qformer_layer_norm_eps,
+        hidden_dropout=cfg.qformer_hidden_dropout, attention_dropout=cfg.qformer_attention_dropout,
+        max_position_embeddings=cfg.qformer_max_position_embeddings,
+    )
+
+
+def clip_vision_config(cfg: GroundingGPTConfig) -> CLIPVisionConfig:
+    return CLIPVisionConfig(
+        hidden_size=cfg.clip_hidden_size, intermediate_size=cfg.clip_intermediate_size,
+        num_hidden_layers=cfg.clip_num_layers, num_attention_heads=cfg.clip_num_heads,
+        image_size=cfg.clip_image_size, patch_size=cfg.clip_patch_size,
+        projection_dim=cfg.clip_projection_dim, hidden_act="quick_gelu", layer_norm_eps=1e-5,
+    )
+
+
+def _query_tokens(n: int, width: int, std: float) -> nn.Parameter:
+    return nn.Parameter(torch.randn(1, n, width) * std)
+
+
+class GroundingGPTModel(LlamaModel):
+    """LlamaModel plus the three branches, as the release's LEGOLlamaModel."""
+
+    def __init__(self, cfg: GroundingGPTConfig, vision_tower: nn.Module | None = None):
+        super().__init__(llama_config(cfg))
+        self.gg_config = cfg
+        std = cfg.initializer_range
+        qh = cfg.qformer_hidden_size
+
+        # image: CLIP ViT (its own weights, outside the release state dict) + MLP adapter
+        self.vision_tower = vision_tower if vision_tower is not None else CLIPVisionModel(clip_vision_config(cfg))
+        self.mm_vision_projector = nn.Sequential(
+            nn.Linear(cfg.clip_hidden_size, cfg.hidden_size), nn.GELU(), nn.Linear(cfg.hidden_size, cfg.hidden_size))
+
+        # video: EVA ViT-g + ln_vision + BLIP-2 Q-Former per frame, then temporal PE,
+        # the video Q-Former and llama_proj
+        self.visual_encoder = EVAVisionTransformer.from_config(cfg)
+        self.ln_vision = nn.LayerNorm(cfg.eva_width)
+        self.Qformer = QFormer(qformer_spec(cfg, cfg.qformer_num_layers, cfg.eva_width, cfg.qformer_cross_attention_freq))
+        self.query_tokens = _query_tokens(cfg.num_query_token, qh, std)
+        self.llama_proj = nn.Linear(qh, cfg.hidden_size)
+        self.video_frame_position_embedding = nn.Embedding(cfg.max_frame, qh)
+        self.video_Qformer = QFormer(qformer_spec(cfg, cfg.video_qformer_layers, qh, 1))
+        self.video_query_tokens = _query_tokens(cfg.video_token_len, qh, std)
+
+        # audio: ImageBind audio trunk, clip position embedding, audio Q-Former, projection
+        self.audio_encoder = ImageBindAudioEncoder.from_config(cfg)
+        self.audio_Qformer = QFormer(qformer_spec(cfg, cfg.audio_qformer_layers, cfg.audio_out_dim, 1))
+        self.audio_query_tokens = _query_tokens(cfg.sound_token_len, qh, std)
+        self.audio_llama_proj = nn.Linear(qh, cfg.hidden_size)
+        self.audio_position_embedding = nn.Embedding(cfg.audio_position_embeddings, cfg.audio_out_dim)
+
+        for q in (self.Qformer, self.video_Qformer, self.audio_Qformer):
+            init_qformer_weights(q, std)
+        for enc in FROZEN_ENCODERS:
+            getattr(self, enc).requires_grad_(False)
+        self.query_tokens.requires_grad_(False)
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        # Frozen encoders stay in eval mode (no dropout), as the release's disabled_train.
+        for enc in FROZEN_ENCODERS:
+            getattr(self, enc).train(False)
+        return self
+
+    # ------------------------------------------------------------------ branches
+    def encode_images(self, images: torch.Tensor) -> torch.Tensor:
+        """(N, 3, S, S) -> (N, image_token_len, hidden)."""
+        with torch.no_grad():
+            out = self.vision_tower(images.to(self._tower_dtype()), output_hidden_states=True)
+            feats = out.hidden_states[self.gg_config.mm_vision_select_layer][:, 1:]
+        return self.mm_vision_projector(feats.to(self.mm_vision_projector[0].weight.dtype))
+
+    def _tower_dtype(self) -> torch.dtype:
+        return next(self.vision_tower.parameters()).dtype
+
+    def frame_features(self, videos: torch.Tensor) -> torch.Tensor:
+        """Frozen part of the video branch: (N, 3, T, H, W) -> (N, T, num_query_token, 768)."""
+        n, _, t = videos.shape[:3]
+        frames = videos.transpose(1, 2).flatten(0, 1)  # (N*T, 3, H, W), the release's b c t -> (b t) c
+        with torch.no_grad():
+            emb = self.ln_vision(self.visual_encoder(frames.to(self.ln_vision.weight.dtype)))
+            q = self.query_tokens.expand(emb.shape[0], -1, -1)
+            out = self.Qformer.bert(query_embeds=q, encoder_hidden_states=emb, return_dict=True)
+        return out.last_hidden_state.view(n, t, *out.last_hidden_state.shape[1:])
+
+    def video_branch(self, frame_feats: torch.Tensor, frame_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Trainable part: temporal PE + video Q-Former + llama_proj.
+        (N, T, Q, 768) -> (N, video_token_len, hidden). frame_mask (N, T) marks real frames."""
+        n, t, q, h = frame_feats.shape
+        pe = self.video_frame_position_embedding.weight[:t]
+        states = (frame_feats + pe[None, :, None, :]).reshape(n, t * q, h)
+        key_mask = None if frame_mask is None else frame_mask.repeat_interleave(q, dim=1)
+        vq = self.video_query_tokens.expand(n, -1, -1)
+        out = self.video_Qformer.bert(query_embeds=vq, encoder_hidden_states=states,
+                                      encoder_attention_mask=key_mask, return_dict=True)
+        return self.llama_proj(out.last_hidden_state)
+
+    def encode_videos(self, videos: torch.Tensor) -> torch.Tensor:
+        return self.video_branch(self.frame_features(videos))
+
+    def clip_features(self, sounds: torch.Tensor) -> torch.Tensor:
+        """Frozen part of the audio branch: (N, clips, 1, mel, frames) -> (N, clips, 1024)."""
+        with torch.no_grad():
+            _, final = self.audio_encoder.get_audio_feature(sounds.to(self.audio_position_embedding.weight.dtype))
+        return final
+
+    def audio_branch(self, clip_feats: torch.Tensor, clip_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Trainable part: clip PE + audio Q-Former + audio_llama_proj."""
+        n, c, _ = clip_feats.shape
+        states = clip_feats + self.audio_position_embedding.weight[:c][None]
+        aq = self.audio_query_tokens.expand(n, -1, -1)
+        out = self.audio_Qformer.bert(query_embeds=aq, encoder_hidden_states=states,
+                                      encoder_attention_mask=clip_mask, return_dict=True)
+        return self.audio_llama_proj(out.last_hidden_state)
+
+    def encode_sounds(self, sounds: torch.Tensor) -> torch.Tensor:
+        return self.audio_branch(self.clip_features(sounds))
+
+
+@dataclass
+class GroundingGPTOutput:
+    loss: torch.Tensor | None
+    logits: torch.Tensor
+    n_tokens: int = 0  # answer tokens the loss averaged over
+
+
+class GroundingGPT(nn.Module):
+    """The full model: `model` (backbone + branches) and `lm_head`, as LEGOLlamaForCausalLM."""
+
+    def __init__(self, config: GroundingGPTConfig, vision_tower: nn.Module | None = None):
+        super().__init__()
+        self.config = config
+        self.model = GroundingGPTModel(config, vision_tower)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        nn.init.normal_(self.lm_head.weight, std=config.initializer_range)
+        announce_backend(self.model.config._attn_implementation)
+
+    # ------------------------------------------------------------------ embeddings
+    def embed(self, input_ids: torch.Tensor, images=None, videos=None, sounds=None) -> torch.Tensor:
+        """Token embeddings with every media block's patch tokens replaced by its branch
+        output. Vectorised: one masked_scatter per modality, media in batch-then-position order."""
+        emb = self.model.embed_tokens(input_ids)
+        for modality, media, encode in (("image", images, self.model.encode_images),
+                                        ("video", videos, self.model.encode_videos),
+                                        ("sound", sounds, self.model.encode_sounds)):
+            n_media = 0 if media is None else media.shape[0]
+            check_media_blocks(input_ids, self.config, modality, n_media)
+            if n_media == 0:
+                continue
+            feats = encode(media).to(emb.dtype)
+            patch_id = self.config.token_ids(modality)[0]
+            mask = (input_ids == patch_id).unsqueeze(-1)
+            emb = emb.masked_scatter(mask, feats.reshape(-1, feats.shape[-1]))
+        return emb
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                labels: torch.Tensor | None = None, images=None, videos=None, sounds=None,
+                position_ids: torch.Tensor | None = None, cu_seqlens: torch.Tensor | None = None,
+                max_seqlen: int | None = None, **_) -> GroundingGPTOutput:
+        emb = self.embed(input_ids, images, videos, sounds)
+        kwargs = {}
+        if cu_seqlens is not None and self.model.config._attn_implementation == "flash_attention_2":
+            kwargs = dict(cu_seq_lens_q=cu_seqlens, cu_seq_lens_k=cu_seqlens,
+                          max_length_q=max_seqlen, max_length_k=max_seqlen)
+        hidden = self.model(inputs_embeds=emb, attention_mask=attention_mask, position_ids=position_ids,
+                            use_cache=False, **kwargs).last_hidden_state
+        logits = self.lm_head(hidden)
+        loss, n = None, 0
+        if labels is not None:
+            shift_labels = labels[:, 1:]
+            n = int((shift_labels != -100).sum())
+            loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), shift_labels.flatten(), ignore_index=-100)
+        return GroundingGPTOutput(loss, logits, n)
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        self.model.train(mode)
+        return self
+
+    # ------------------------------------------------------------------ checkpoints
+    @classmethod
+    def from_pretrained(cls, path: str, **kwargs) -> "GroundingGPT":
+        from fastground.model.checkpoint import load_pretrained
+        return load_pretrained(cls, path, **kwargs)
+
+    def save_pretrained(self, path: str, **kwargs) -> None:
+        from fastground.model.checkpoint import save_pretrained
+        save_pretrained(self, path, **kwargs)
+
+
+def check_media_blocks(input_ids: torch.Tensor, cfg: GroundingGPTConfig, modality: str, n_media: int) -> None:
+    """Every media block must be start + N patch tokens + end, one block per media item.
+    Counts are checked per sample on the whole batch at once; a mismatch names the sample."""
+    patch_id, start_id, end_id = cfg.token_ids(modality)
+    if patch_id < 0:
+        if n_media:
+            raise ValueError(f"{n_media} {modality} inputs given but the config has no {modality} token ids "
+                             "(call config.set_token_ids(tokenizer))")
+        return
+    n_tok = cfg.media_token_len(modality)
+    patches = (input_ids == patch_id).sum(1)
+    starts = (input_ids == start_id).sum(1)
+    ends = (input_ids == end_id).sum(1)
+    bad = (patches != starts * n_tok) | (starts != ends)
+    if bad.any():
+        i = int(bad.nonzero()[0])
+        raise ValueError(f"sample {i}: {modality} placeholder expansion is broken: {int(starts[i])} start, "
+                         f"{int(ends[i])} end and {int(patches[i])} patch tokens (expected {n_tok} patches per block)")
+    total = int(starts.sum())
+    if total != n_media:
+        per_sample = starts.tolist()
+        raise ValueError(f"{modality}: the batch has {total} <{modality}> blocks (per sample {per_sample}) "
+                         f"but {n_media} {modality} inputs")
+    if total:
+        # contiguity: the token after each start must open a run of exactly n_tok patches
+        pos = (input_ids == start_id).nonzero()
+        idx = pos[:, 1:2] + torch.arange(1, n_tok + 2, device=input_ids.device)
+        if int(idx.max()) >= input_ids.shape[1]:
+            raise ValueError(f"sample {int(pos[(idx.max(1).values >= input_ids.shape[1]).nonzero()[0], 0])}: "
+                             f"{modality} block runs past the end of the sequence")
+        run = input_ids[pos[:, :1], idx]
+        ok = (run[:, :-1] == patch_id).all(1) & (run[:, -1] == end_id)
+        if not ok.all():
+            i = int(pos[(~ok).nonzero()[0], 0])
+            raise ValueError(f"sample {i}: a {modality} block is not start + {n_tok} patch tokens + end")
