@@ -175,7 +175,7 @@ def load_pretrained(cls, path: str, vision_tower_path: str | None = None, eva_pa
     uncovered = [k for k in missing if not k.startswith(covered)]
     if strict and (unexpected or uncovered):
         raise ValueError(f"{path}: checkpoint does not match the model: "
-                         f"{len(uncovered)} missing keys {uncovered[:8]}, "
+                         f"{len(uncovered)} missing keys {_by_module(uncovered)} e.g. {uncovered[:4]}, "
                          f"{len(unexpected)} unexpected keys {unexpected[:8]}")
     model.load_state_dict(sd, strict=False, assign=True)
     if ignored:
@@ -189,6 +189,16 @@ def load_pretrained(cls, path: str, vision_tower_path: str | None = None, eva_pa
     if dtype is not None:
         model.to(dtype)
     return model
+
+
+def _by_module(keys: list[str]) -> dict[str, int]:
+    """Counts per top module, so a message about 600 keys stays readable."""
+    out: dict[str, int] = {}
+    for k in keys:
+        parts = k.split(".")
+        mod = ".".join(parts[:2]) if parts[0] == "model" else parts[0]
+        out[mod] = out.get(mod, 0) + 1
+    return out
 
 
 def _load_encoder_files(model, missing: list[str], files: dict) -> None:
@@ -224,7 +234,8 @@ def _materialize_leftovers(model, path: str) -> None:
     on the meta device means the checkpoint did not provide it."""
     inner = model.model
     rot = inner.rotary_emb
-    inner.rotary_emb = type(rot)(config=inner.config, device="cpu")
+    with torch.device("cpu"):
+        inner.rotary_emb = type(rot)(config=inner.config)
     left = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
     if left:
         raise ValueError(f"{path}: no weights for {len(left)} tensors, e.g. {left[:6]}")

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 import os
+import pickle
 
 import torch
 import torch.nn.functional as F
@@ -155,11 +156,14 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path}: weight file not found")
     try:
-        # mmap keeps multi-GB files (imagebind_huge.pth) out of RAM until copied.
-        sd = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except RuntimeError:
-        # Files in the pre-zip format cannot be memory-mapped.
-        sd = torch.load(path, map_location="cpu", weights_only=True)
+        try:
+            # mmap keeps multi-GB files (imagebind_huge.pth) out of RAM until copied.
+            sd = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError:
+            # Files in the pre-zip format cannot be memory-mapped.
+            sd = torch.load(path, map_location="cpu", weights_only=True)
+    except (RuntimeError, pickle.UnpicklingError, EOFError) as e:
+        raise ValueError(f"{path}: cannot read as a torch state dict ({e})") from e
     if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
         raise ValueError(f"{path}: expected a plain state dict of tensors")
     return sd
