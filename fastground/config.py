@@ -96,6 +96,11 @@ class GroundingGPTConfig:
     sound_token_len: int = 8
     audio_position_embeddings: int = 8
     audio_qformer_layers: int = 2
+    # The release calls audio_encoder.eval() once but, unlike EVA and the frame Q-Former,
+    # does not pin it there, so the trainer's model.train() re-enables ImageBind's
+    # stochastic depth (0.1) on the frozen audio trunk. We keep it in eval (deterministic)
+    # by default; True reproduces the release.
+    release_audio_train_mode: bool = False
 
     # --- token ids (set from the tokenizer; -1 = not assigned yet)
     im_patch_token: int = -1

@@ -90,6 +90,8 @@ class GroundingGPTModel(LlamaModel):
         # Frozen encoders stay in eval mode (no dropout), as the release's disabled_train.
         for enc in FROZEN_ENCODERS:
             getattr(self, enc).train(False)
+        if mode and self.gg_config.release_audio_train_mode:
+            self.audio_encoder.train(True)
         return self
 
     # ------------------------------------------------------------------ branches
