@@ -1,8 +1,8 @@
 """The Vicuna/Llama backbone: transformers' Llama with the attention backend chosen here.
 
-FlashAttention-2 through `flash_attn` when it imports (and a GPU is there), else torch's
-scaled_dot_product_attention, which carries FlashAttention-2 kernels on GPU and a fused CPU
-kernel elsewhere. The choice is logged once so users know which backend ran.
+On GPU: FlashAttention-2 through `flash_attn` when it imports, else torch's bundled
+FlashAttention-2 varlen kernel (fastground.model.varlen). On CPU: torch's
+scaled_dot_product_attention. The choice is logged once so users know which backend ran.
 """
 from __future__ import annotations
 
@@ -13,6 +13,9 @@ import torch
 from transformers import LlamaConfig
 
 from fastground.config import GroundingGPTConfig
+from fastground.model import varlen
+
+varlen.register()
 
 log = logging.getLogger("fastground")
 _announced: set[str] = set()
@@ -23,6 +26,8 @@ def pick_attention_backend(requested: str = "auto") -> str:
         return requested
     if torch.cuda.is_available() and importlib.util.find_spec("flash_attn") is not None:
         return "flash_attention_2"
+    if varlen.available():
+        return varlen.NAME
     return "sdpa"
 
 
@@ -36,6 +41,7 @@ def announce_backend(backend: str) -> None:
         "sdpa": "torch scaled_dot_product_attention"
                 + (" (FlashAttention-2 kernels)" if where == "GPU" else " (CPU kernel)"),
         "eager": "eager softmax(QK^T)V",
+        varlen.NAME: "torch.nn.attention.varlen (bundled FlashAttention-2)",
     }.get(backend, backend)
     log.info("backbone attention: %s on %s", detail, where)
 

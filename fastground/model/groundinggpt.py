@@ -191,7 +191,7 @@ class GroundingGPT(nn.Module):
                 max_seqlen: int | None = None, **_) -> GroundingGPTOutput:
         emb = self.embed(input_ids, images, videos, sounds)
         kwargs = {}
-        if cu_seqlens is not None and self.model.config._attn_implementation == "flash_attention_2":
+        if cu_seqlens is not None and self.model.config._attn_implementation in ("flash_attention_2", "fastground_varlen"):
             kwargs = dict(cu_seq_lens_q=cu_seqlens, cu_seq_lens_k=cu_seqlens,
                           max_length_q=max_seqlen, max_length_k=max_seqlen)
         hidden = self.model(inputs_embeds=emb, attention_mask=attention_mask, position_ids=position_ids,
