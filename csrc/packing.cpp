@@ -8,7 +8,11 @@
 // The Python reference (fastground/data/packing.py: pack_reference) defines the semantics;
 // this file only exists because the per-batch Python loop shows up in data-loader profiles
 // with thousands of short samples.
-#include <torch/extension.h>
+// Narrow headers instead of <torch/extension.h>: the op is built on the user's first call,
+// and the full header set triples the compile time for no benefit here.
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <torch/csrc/utils/pybind.h>
 
 #include <cstdint>
 #include <cstring>
@@ -21,9 +25,9 @@ namespace {
 constexpr int64_t kIgnoreIndex = -100;
 
 at::Tensor as_long_1d(const at::Tensor& t, const char* what, size_t i) {
-  TORCH_CHECK(t.device().is_cpu(), what, "[", i, "] must be a CPU tensor, got ", t.device());
-  TORCH_CHECK(t.dim() == 1, what, "[", i, "] must be 1-D, got shape ", t.sizes());
-  TORCH_CHECK(!at::isFloatingType(t.scalar_type()) && !at::isComplexType(t.scalar_type()),
+  TORCH_CHECK_VALUE(t.device().is_cpu(), what, "[", i, "] must be a CPU tensor, got ", t.device());
+  TORCH_CHECK_VALUE(t.dim() == 1, what, "[", i, "] must be 1-D, got shape ", t.sizes());
+  TORCH_CHECK_VALUE(!at::isFloatingType(t.scalar_type()) && !at::isComplexType(t.scalar_type()),
               what, "[", i, "] must hold integers, got ", t.scalar_type());
   return t.to(at::kLong).contiguous();
 }
@@ -32,7 +36,7 @@ at::Tensor as_long_1d(const at::Tensor& t, const char* what, size_t i) {
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> pack(
     const std::vector<at::Tensor>& ids, const std::vector<at::Tensor>& labels) {
-  TORCH_CHECK(ids.size() == labels.size(), "pack: ", ids.size(), " id tensors but ",
+  TORCH_CHECK_VALUE(ids.size() == labels.size(), "pack: ", ids.size(), " id tensors but ",
               labels.size(), " label tensors");
   const size_t n = ids.size();
 
@@ -44,12 +48,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> pack(
   for (size_t i = 0; i < n; ++i) {
     ids_c.push_back(as_long_1d(ids[i], "ids", i));
     labels_c.push_back(as_long_1d(labels[i], "labels", i));
-    TORCH_CHECK(ids_c[i].numel() == labels_c[i].numel(), "pack: sample ", i, " has ",
+    TORCH_CHECK_VALUE(ids_c[i].numel() == labels_c[i].numel(), "pack: sample ", i, " has ",
                 ids_c[i].numel(), " ids but ", labels_c[i].numel(), " labels");
     total += ids_c[i].numel();
   }
   // cu_seqlens is int32 because that is what the varlen attention kernels accept.
-  TORCH_CHECK(total <= std::numeric_limits<int32_t>::max(), "pack: ", total,
+  TORCH_CHECK_VALUE(total <= std::numeric_limits<int32_t>::max(), "pack: ", total,
               " tokens do not fit the int32 cu_seqlens");
 
   const auto long_opts = at::TensorOptions().dtype(at::kLong);

@@ -1,0 +1,1 @@
+"""Data pipeline: conversations, datasets, media loaders, batching, sampling."""
