@@ -1,0 +1,1 @@
+"""Benchmarks of fastground (pytest-benchmark suites); see bench/README.md."""

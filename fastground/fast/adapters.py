@@ -1,0 +1,81 @@
+"""Drop-in adapter modules on the Triton kernels, with the release's parameter names.
+
+``FastMLPAdapter`` is an ``nn.Sequential`` of (Linear, GELU, Linear), so its state-dict keys
+are ``0.weight``, ``0.bias``, ``2.weight``, ``2.bias`` exactly like ``mm_vision_projector``;
+``FastLinear`` is an ``nn.Linear`` (``llama_proj`` / ``audio_llama_proj``). Only forward
+differs. Where Triton cannot run (CPU tensors without TRITON_INTERPRET=1) they compute the
+reference math and warn once.
+"""
+from __future__ import annotations
+
+import warnings
+
+import torch
+from torch import nn
+
+from fastground.kernels.adapters import mlp_adapter, projection, triton_usable
+
+_warned = False
+
+
+def _can_run(*tensors) -> bool:
+    global _warned
+    if triton_usable(*tensors):
+        return True
+    if not _warned:
+        _warned = True
+        warnings.warn("fastground.fast: Triton cannot run here (no CUDA, TRITON_INTERPRET unset); "
+                      "adapters use the reference PyTorch math", RuntimeWarning, stacklevel=3)
+    return False
+
+
+def _autocast(*tensors):
+    # F.linear under autocast computes in the autocast dtype; the kernels need one dtype.
+    dev = tensors[0].device.type
+    if not torch.is_autocast_enabled(dev):
+        return tensors
+    dt = torch.get_autocast_dtype(dev)
+    return tuple(t.to(dt) if t is not None and t.is_floating_point() else t for t in tensors)
+
+
+class FastMLPAdapter(nn.Sequential):
+    """Linear(in, hidden) -> GELU (exact) -> Linear(hidden, out) on the fused kernels."""
+
+    def __init__(self, in_features: int = 1024, hidden_features: int = 4096, out_features: int = 4096,
+                 bias: bool = True, device=None, dtype=None):
+        kw = dict(bias=bias, device=device, dtype=dtype)
+        super().__init__(nn.Linear(in_features, hidden_features, **kw), nn.GELU(),
+                         nn.Linear(hidden_features, out_features, **kw))
+
+    @classmethod
+    def from_module(cls, ref: nn.Sequential) -> "FastMLPAdapter":
+        """A FastMLPAdapter holding a copy of a reference Sequential(Linear, GELU, Linear)."""
+        l1, l2 = ref[0], ref[2]
+        w = l1.weight
+        m = cls(l1.in_features, l1.out_features, l2.out_features, bias=l1.bias is not None,
+                device=w.device, dtype=w.dtype)
+        m.load_state_dict(ref.state_dict())
+        return m
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        l1, act, l2 = self[0], self[1], self[2]
+        exact = isinstance(act, nn.GELU) and act.approximate == "none"
+        if not exact or not _can_run(x, l1.weight, l2.weight):
+            return super().forward(x)
+        return mlp_adapter(*_autocast(x, l1.weight, l1.bias, l2.weight, l2.bias))
+
+
+class FastLinear(nn.Linear):
+    """nn.Linear whose forward is the Triton GEMM with a bias epilogue."""
+
+    @classmethod
+    def from_module(cls, ref: nn.Linear) -> "FastLinear":
+        m = cls(ref.in_features, ref.out_features, bias=ref.bias is not None,
+                device=ref.weight.device, dtype=ref.weight.dtype)
+        m.load_state_dict(ref.state_dict())
+        return m
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not _can_run(x, self.weight):
+            return super().forward(x)
+        return projection(*_autocast(x, self.weight, self.bias))

@@ -1,0 +1,5 @@
+import sys
+
+from fastground.train.cli import main
+
+sys.exit(main())

@@ -1,0 +1,564 @@
+"""The training loop on DeepSpeed ZeRO-2.
+
+One process per device. Without a launcher the process makes its own 1-rank process group,
+so the same code path (DeepSpeed engine, ZeRO optimizer, checkpoints) runs on a laptop CPU,
+one GPU, `deepspeed`/`torchrun` on 8 GPUs, and several nodes.
+
+Loss normalisation: the loss of an optimizer step is the mean over every answer token of
+the global batch (all ranks, all micro-batches), as if the global batch were one forward
+pass. Each micro-batch's summed token loss is divided by the step's global token count,
+known up front from the labels (one all-reduce of a few integers), and multiplied by the
+world size that ZeRO's gradient averaging divides by. A mean of per-rank means would weight
+a token of a short answer more than one of a long answer.
+
+Optimizer: apex FusedAdam when importable, else torch's fused AdamW on CUDA, else torch's
+foreach AdamW on CPU; DeepSpeed wraps it as the client optimizer (no DeepSpeed op is JIT
+compiled). Schedule: linear warm-up then cosine decay to 0, a torch LambdaLR stepped by the
+engine at each optimizer step.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import os
+import random
+import socket
+import sys
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from fastground.train.config import TrainConfig
+
+log = logging.getLogger("fastground.train")
+
+
+# ---------------------------------------------------------------------------- distributed
+@dataclass
+class DistInfo:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+    own_group: bool  # we created the process group (and clean it up)
+    env_set: tuple = ()  # environment variables we set for a launcher-less run
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def setup_distributed() -> DistInfo:
+    cuda = torch.cuda.is_available()
+    if not cuda:
+        # DeepSpeed would otherwise probe for accelerators it cannot use.
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    env_set = []
+    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
+        single = {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
+                  "MASTER_PORT": str(_free_port())}
+        for k, v in single.items():
+            if k not in os.environ:
+                os.environ[k] = v
+                env_set.append(k)
+    import deepspeed
+    from deepspeed.accelerator import get_accelerator
+
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    if cuda:
+        torch.cuda.set_device(local_rank)
+    if get_accelerator().device_name() == "cpu":
+        # DeepSpeed's CPU backend JIT-compiles a shared-memory all-reduce at init (~35 s of
+        # C++ compile on a fresh machine); it only serves inference all-reduce, and gloo
+        # does the training collectives, so mark it unavailable.
+        import deepspeed.ops
+        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+    own = not torch.distributed.is_initialized()
+    deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo", verbose=False)
+    rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
+    device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
+    return DistInfo(rank, world, local_rank, device, own, tuple(env_set))
+
+
+def teardown_distributed(info: DistInfo) -> None:
+    if info.own_group and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+        try:  # DeepSpeed keeps its own handle on the group; let a later run make a new one
+            import deepspeed.comm.comm as ds_comm
+            ds_comm.cdb = None
+        except ImportError:
+            pass
+    for k in info.env_set:
+        os.environ.pop(k, None)
+
+
+def _barrier() -> None:
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
+
+
+def _all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+        torch.distributed.all_reduce(t)
+    return t.tolist()
+
+
+# ---------------------------------------------------------------------------- data-parallel gradients
+def branch_anchor(model) -> torch.Tensor:
+    """A scalar through the trainable part of every branch on an all-zero input; the caller
+    adds 0 x it to the loss, after the real forward.
+
+    Why: a micro-batch without, say, audio gives the audio adapter no gradient, and ZeRO-2
+    reduces gradients in the order their hooks fire, so ranks with different modalities
+    would run mismatched collectives (gloo aborts, NCCL hangs or sums the wrong slices).
+    The anchor makes every trainable tensor get a gradient on every rank. Built before the
+    real forward, its autograd nodes have the lowest sequence numbers, so backward reaches
+    them last, when everything else is done: each adapter's gradient is then completed, and
+    its hook fires, in the anchor's order, the same on every rank whatever the batch held.
+    Its gradients are exact zeros, so the update is unchanged."""
+    inner, cfg = model.model, model.config
+    dtype = inner.mm_vision_projector[0].weight.dtype
+    device = inner.mm_vision_projector[0].weight.device
+    image = inner.mm_vision_projector(torch.zeros(1, 1, cfg.clip_hidden_size, dtype=dtype, device=device))
+    video = inner.video_branch(torch.zeros(1, 1, cfg.num_query_token, cfg.qformer_hidden_size, dtype=dtype,
+                                           device=device))
+    sound = inner.audio_branch(torch.zeros(1, 1, cfg.audio_out_dim, dtype=dtype, device=device))
+    return image.float().sum() + video.float().sum() + sound.float().sum()
+
+
+# ---------------------------------------------------------------------------- schedule
+class CosineWithWarmup:
+    """LR factor of optimizer update k (0-based): linear warm-up over `warmup` updates that
+    starts at 1/(warmup+1) (no update is wasted at lr 0), then cosine from 1 to 0 over the
+    rest. A class so LambdaLR checkpoints its settings."""
+
+    def __init__(self, total: int, warmup: int):
+        self.total = total
+        self.warmup = warmup
+
+    def __call__(self, k: int) -> float:
+        if k < self.warmup:
+            return (k + 1) / (self.warmup + 1)
+        progress = (k - self.warmup) / max(1, self.total - self.warmup)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+def warmup_steps(total: int, ratio: float) -> int:
+    return math.ceil(total * ratio)
+
+
+# ---------------------------------------------------------------------------- optimizer
+def param_groups(trainable: dict, weight_decay: float) -> list[dict]:
+    """Biases and norm weights (1-D) are not decayed, as in the HF Trainer the release used."""
+    decay = [p for p in trainable.values() if p.ndim >= 2]
+    no_decay = [p for p in trainable.values() if p.ndim < 2]
+    if weight_decay == 0:
+        return [{"params": decay + no_decay, "weight_decay": 0.0}]
+    return [g for g in ({"params": decay, "weight_decay": weight_decay},
+                        {"params": no_decay, "weight_decay": 0.0}) if g["params"]]
+
+
+def make_optimizer(groups: list[dict], cfg: TrainConfig, device: torch.device):
+    kw = dict(lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_eps)
+    if device.type == "cuda":
+        try:
+            from apex.optimizers import FusedAdam
+            return FusedAdam(groups, adam_w_mode=True, **kw), "apex FusedAdam (AdamW mode)"
+        except ImportError:
+            return torch.optim.AdamW(groups, fused=True, **kw), "torch AdamW (fused)"
+    return torch.optim.AdamW(groups, foreach=True, **kw), "torch AdamW (foreach, CPU)"
+
+
+# ---------------------------------------------------------------------------- deepspeed config
+def deepspeed_config(cfg: TrainConfig, bf16: bool, cuda: bool) -> dict:
+    zero = {"stage": cfg.zero_stage, "contiguous_gradients": True,
+            "reduce_bucket_size": int(5e8), "allgather_bucket_size": int(5e8),
+            "reduce_scatter": True, "overlap_comm": cuda}
+    return {
+        "train_batch_size": cfg.global_batch,
+        "train_micro_batch_size_per_gpu": cfg.micro_batch,
+        "gradient_accumulation_steps": cfg.grad_accum,
+        "gradient_clipping": cfg.max_grad_norm,
+        "bf16": {"enabled": bf16},
+        "fp16": {"enabled": False},
+        "zero_optimization": zero,
+        # Our AdamW is an ordinary torch optimizer; ZeRO runs it on its flat partitions.
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 2**62,
+        "wall_clock_breakdown": False,
+    }
+
+
+def check_user_deepspeed_config(path: str) -> dict:
+    from fastground.train.cli import ConfigError
+    try:
+        with open(path, encoding="utf-8") as f:
+            user = json.load(f)
+    except (OSError, json.JSONDecodeError) as e:
+        raise ConfigError(f"--deepspeed-config {path}: cannot read JSON ({e})") from None
+    if not isinstance(user, dict):
+        raise ConfigError(f"--deepspeed-config {path}: expected a JSON object")
+    stage = user.get("zero_optimization", {}).get("stage", 0)
+    if stage not in (0, 1, 2, "auto"):
+        raise ConfigError(f"--deepspeed-config {path}: ZeRO stage {stage} is not supported here "
+                          "(parameters must stay whole on every rank for the export); the paper uses 2")
+    if user.get("fp16", {}).get("enabled") is True:
+        raise ConfigError(f"--deepspeed-config {path}: fp16 is not supported (the paper trains in bf16)")
+    return user
+
+
+def merge_deepspeed_config(user: dict, ours: dict, path: str) -> dict:
+    """The user's JSON wins, except that "auto" and missing fields take our values and batch
+    sizes must agree with the ones this run uses (the data loader is built from ours)."""
+    from fastground.train.cli import ConfigError
+
+    def fill(u, o):
+        out = dict(u)
+        for k, v in o.items():
+            if k not in out or out[k] == "auto":
+                out[k] = v
+            elif isinstance(v, dict) and isinstance(out[k], dict):
+                out[k] = fill(out[k], v)
+        return out
+
+    merged = fill(user, ours)
+    for k in ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps"):
+        if merged[k] != ours[k]:
+            raise ConfigError(f"--deepspeed-config {path}: {k}={merged[k]} disagrees with this run's "
+                              f"{ours[k]}; set the batch with --global-batch/--micro-batch or use \"auto\"")
+    return merged
+
+
+# ---------------------------------------------------------------------------- model
+def _has_tokenizer(path: str | None) -> bool:
+    return bool(path) and os.path.isfile(os.path.join(path, "tokenizer_config.json"))
+
+
+def load_tokenizer(path: str):
+    from transformers import AutoTokenizer
+
+    from fastground.config import MEDIA_TOKENS
+    tok = AutoTokenizer.from_pretrained(path)
+    missing = [t for t in MEDIA_TOKENS if tok.convert_tokens_to_ids(t) in (None, tok.unk_token_id)]
+    if missing:
+        # A plain Vicuna tokenizer: append the media tokens as the release does.
+        tok.add_tokens(list(MEDIA_TOKENS), special_tokens=True)
+    if tok.pad_token is None:
+        tok.pad_token = tok.unk_token  # the release pads with unk
+    return tok
+
+
+def build_model(cfg: TrainConfig, tokenizer, bf16: bool):
+    """(model, description of the starting weights)."""
+    from fastground import GroundingGPT, GroundingGPTConfig
+
+    start = cfg.starting_point()
+    dtype = torch.bfloat16 if bf16 else None
+    if start is None:
+        mcfg = GroundingGPTConfig.from_preset(cfg.preset)
+        mcfg.set_token_ids(tokenizer)
+        torch.manual_seed(cfg.seed)
+        model = GroundingGPT(mcfg)
+        if dtype is not None:
+            model.to(dtype)
+        return model, f"initial weights of the {cfg.preset!r} preset (seed {cfg.seed})"
+    with open(os.path.join(start, "config.json")) as f:
+        model_type = json.load(f).get("model_type")
+    if model_type == "llama":
+        from fastground.train.vicuna import build_from_vicuna
+        return build_from_vicuna(cfg, tokenizer, dtype), f"Vicuna weights {start} with fresh adapters"
+    model = GroundingGPT.from_pretrained(start, vision_tower_path=cfg.vision_tower, eva_path=cfg.eva,
+                                         qformer_path=cfg.qformer, imagebind_path=cfg.imagebind, dtype=dtype)
+    check_token_ids(model.config, tokenizer, start)
+    what = "the previous stage's output" if cfg.model is None else "--model"
+    return model, f"{what} {start}"
+
+
+def check_token_ids(mcfg, tokenizer, where: str) -> None:
+    probe = mcfg.replace()
+    probe.set_token_ids(tokenizer)
+    for modality in ("image", "video", "sound"):
+        if probe.token_ids(modality) != mcfg.token_ids(modality):
+            raise ValueError(f"{where}: the tokenizer's {modality} token ids {probe.token_ids(modality)} differ "
+                             f"from the checkpoint's {mcfg.token_ids(modality)}; use the tokenizer saved with it")
+    if len(tokenizer) > mcfg.vocab_size:
+        raise ValueError(f"{where}: the tokenizer has {len(tokenizer)} tokens, the model's vocabulary {mcfg.vocab_size}")
+
+
+def add_lora(model, cfg: TrainConfig) -> None:
+    from peft import LoraConfig, inject_adapter_in_model
+    lcfg = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout, bias="none",
+                      target_modules=r"model\.layers\.\d+\.(self_attn\.(q|k|v|o)_proj|mlp\.(gate|up|down)_proj)")
+    inject_adapter_in_model(lcfg, model)
+
+
+def trainable_set(model, stage: int, lora: bool) -> dict:
+    from fastground.model.stages import LLM_PREFIXES, set_stage
+    trainable = set_stage(model, stage)
+    if lora:
+        for n in list(trainable):
+            if n.startswith(LLM_PREFIXES) and "lora_" not in n:
+                trainable.pop(n).requires_grad_(False)
+    return trainable
+
+
+# ---------------------------------------------------------------------------- the run
+@dataclass
+class TrainResult:
+    output: str
+    steps: int  # optimizer steps done in total (including those before a resume)
+    losses: list = field(default_factory=list)  # (step, loss) of the steps this call ran
+    final: str | None = None
+    checkpoint: str | None = None
+    seconds: float = 0.0
+
+
+def _setup_logging(rank: int) -> None:
+    if not logging.getLogger().handlers:
+        logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S",
+                            stream=sys.stderr)
+    level = logging.INFO if rank == 0 else logging.WARNING
+    for name in ("fastground", "fastground.train"):
+        logging.getLogger(name).setLevel(level)
+    # DeepSpeed logs every config key at INFO on every rank.
+    logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
+    try:
+        from deepspeed.utils import logger as ds_logger
+        ds_logger.setLevel(logging.WARNING)
+    except ImportError:
+        pass
+
+
+def _precision(cfg: TrainConfig, device: torch.device) -> bool:
+    """True for bf16."""
+    if cfg.precision == "fp32":
+        return False
+    supported = device.type == "cuda" and torch.cuda.is_bf16_supported()
+    if cfg.precision == "bf16":
+        if not supported:
+            log.warning("bf16 requested on %s, which has no fast bf16: expect a slow run", device)
+        return True
+    if not supported:
+        log.info("precision: fp32 on %s (the paper's bf16 only where the device supports it)", device)
+        return False
+    log.info("precision: bf16 weights and activations, fp32 master weights (as the paper)")
+    return True
+
+
+def train(cfg: TrainConfig) -> TrainResult:
+    info = setup_distributed()
+    try:
+        return _train(cfg, info)
+    finally:
+        teardown_distributed(info)
+
+
+def _train(cfg: TrainConfig, info: DistInfo) -> TrainResult:
+    import deepspeed
+
+    from fastground.train import checkpoint as ckpt
+    from fastground.train.data import batch_counts, build_train_data, demo_paths
+    from fastground.train.metrics import Metrics, path_params, peak_flops
+
+    t_start = time.perf_counter()
+    rank, world, device = info.rank, info.world_size, info.device
+    _setup_logging(rank)
+    output = cfg.output_dir()
+    if rank == 0:
+        os.makedirs(output, exist_ok=True)
+    if cfg.resume is None and rank == 0 and ckpt.list_checkpoints(output):
+        log.warning("%s holds checkpoints of an earlier run; they are replaced as this run saves "
+                    "(use --resume to continue that run instead)", output)
+
+    bf16 = _precision(cfg, device)
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = cfg.tf32
+        torch.backends.cudnn.allow_tf32 = cfg.tf32
+
+    # ---- data files (the demo set is generated once, by one process per machine)
+    folders = {"image": cfg.image_folder, "video": cfg.video_folder, "sound": cfg.sound_folder}
+    data, prev_data, tok_dir = cfg.data, cfg.prev_data, cfg.tokenizer
+    if data is None:
+        from fastground.data.demo import ensure_demo_data
+        if info.local_rank == 0:
+            ensure_demo_data(cfg.demo_data)
+        _barrier()
+        demo = demo_paths(cfg.demo_data, cfg.stage)
+        data = demo["data"]
+        if prev_data is None and cfg.alpha > 0:
+            prev_data = demo["prev_data"]
+        folders = {m: folders[m] or demo[m] for m in folders}
+        if tok_dir is None and cfg.starting_point() is None:
+            tok_dir = demo["tokenizer"]
+    start = cfg.starting_point()
+    if tok_dir is None:
+        if _has_tokenizer(start):
+            tok_dir = start
+        else:
+            raise ValueError(f"no tokenizer: {start} has none; give --tokenizer")
+    tokenizer = load_tokenizer(tok_dir)
+
+    # ---- model
+    model, source = build_model(cfg, tokenizer, bf16)
+    log.info("stage %d starts from %s", cfg.stage, source)
+    if cfg.max_length > model.config.max_position_embeddings:
+        log.info("max length %d > the model's %d positions: using %d", cfg.max_length,
+                 model.config.max_position_embeddings, model.config.max_position_embeddings)
+        cfg = dataclasses.replace(cfg, max_length=model.config.max_position_embeddings)
+    if cfg.lora:
+        add_lora(model, cfg)
+    trainable = trainable_set(model, cfg.stage, cfg.lora)
+    if cfg.gradient_checkpointing:
+        model.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    n_train = sum(p.numel() for p in trainable.values())
+    n_all = sum(p.numel() for p in model.parameters())
+    log.info("trainable: %s of %s parameters (%d tensors)%s", f"{n_train:,}", f"{n_all:,}", len(trainable),
+             " with LoRA on the LLM" if cfg.lora else "")
+
+    # ---- data stream
+    td = build_train_data(data, prev_data, cfg.alpha, tokenizer, model.config, folders, cfg.max_length,
+                          cfg.video_backend, cfg.max_bad_fraction, cfg.seed, rank, world,
+                          cfg.micro_batch, cfg.grad_accum)
+    total = cfg.max_steps if cfg.max_steps is not None else td.batches.steps_for_epochs(cfg.epochs)
+    warm = warmup_steps(total, cfg.warmup_ratio)
+    log.info("data: %d samples%s; %d steps of %d samples (%d per process x %d accumulation x %d processes), "
+             "warm-up %d steps", td.n_current,
+             f" + {td.n_previous} replayed at alpha={cfg.alpha}" if td.n_previous else "",
+             total, cfg.global_batch, cfg.micro_batch, cfg.grad_accum, world, warm)
+
+    # ---- engine
+    ds_cfg = deepspeed_config(cfg, bf16, device.type == "cuda")
+    user = None
+    if cfg.deepspeed_config:
+        user = check_user_deepspeed_config(cfg.deepspeed_config)
+        ds_cfg = merge_deepspeed_config(user, ds_cfg, cfg.deepspeed_config)
+    optimizer, opt_name = (None, "from --deepspeed-config")
+    if "optimizer" not in (user or {}):
+        optimizer, opt_name = make_optimizer(param_groups(trainable, cfg.weight_decay), cfg, device)
+    schedule = CosineWithWarmup(total, warm)
+    scheduler = None
+    if "scheduler" not in (user or {}):
+        def scheduler(opt):
+            return torch.optim.lr_scheduler.LambdaLR(opt, schedule)
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
+                                           model_parameters=None if optimizer is not None else list(trainable.values()),
+                                           config=ds_cfg, dist_init_required=False)
+    log.info("engine: DeepSpeed ZeRO-%d, %s, %s, %d process(es)", ds_cfg["zero_optimization"]["stage"],
+             opt_name, "bf16" if bf16 else "fp32", world)
+
+    # ---- resume
+    step = 0
+    counters = {"tokens": 0, "samples": 0, "skipped": 0}
+    resume_path = None
+    if cfg.resume is not None:
+        resume_path = ckpt.find_resume_checkpoint(cfg.resume, output)
+        if resume_path is None:
+            log.info("--resume: no checkpoint in %s, starting at step 0", output)
+    if resume_path is not None:
+        state = ckpt.load_checkpoint(engine, resume_path, rank, device)
+        _check_resumable(state, cfg, world, resume_path)
+        step = int(state["step"])
+        counters.update(state.get("counters", {}))
+        td.sampler.load_state_dict(state["sampler"])  # rejects a changed data set / seed / world size
+        if td.batches.sampler_state(step) != state["sampler"]:
+            raise ValueError(f"{resume_path}: the data stream differs from the saved run's")
+        log.info("resumed from %s at step %d", resume_path, step)
+        ckpt.restore_rng(resume_path, rank, device)
+    else:
+        random.seed(cfg.seed + rank)
+        np.random.seed((cfg.seed + rank) % 2**32)
+        torch.manual_seed(cfg.seed + rank)  # dropout differs per rank, as in a DDP run
+
+    stop = total if cfg.stop_after is None else min(total, cfg.stop_after)
+    num_workers = cfg.num_workers if cfg.num_workers is not None else (4 if device.type == "cuda" else 0)
+    loader = td.loader(step, num_workers, cfg.packed, cfg.max_length, cfg.seed, device.type == "cuda")
+    batches = iter(loader)
+    metrics = Metrics(output, total, step, rank, world, device, path_params(engine.module, trainable),
+                      peak_flops(device, cfg.peak_tflops), cfg.tensorboard, cfg.progress, cfg.log_every)
+    settings = dict(cfg.to_dict(), world_size=world, precision="bf16" if bf16 else "fp32",
+                    total_steps=total, warmup_steps=warm, started_from=source)
+    result = TrainResult(output=output, steps=step)
+    last_saved = None
+    engine.train()
+    try:
+        while step < stop:
+            t0 = time.perf_counter()
+            lr = engine.get_lr()[0]
+            micro = [next(batches) for _ in range(cfg.grad_accum)]
+            local = [0.0, 0.0, 0.0, 0.0]  # answer tokens, LLM tokens, samples, skipped
+            for b in micro:
+                answer, seen = batch_counts(b)
+                local[0] += answer
+                local[1] += seen
+                local[2] += b.pop("_samples")
+                local[3] += b.pop("_skipped")
+            answer_tokens, tokens, samples, skipped = _all_reduce_sum(local, device)
+            scale = world / max(answer_tokens, 1.0)
+            loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+            for b in micro:
+                b = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in b.items()}
+                anchor = branch_anchor(engine.module)
+                out = engine(**b)
+                if out.n_tokens > 0:
+                    token_loss = out.loss.float() * out.n_tokens
+                else:  # no answer token here: a zero loss that still reaches the LLM
+                    token_loss = out.logits.float().sum() * 0.0
+                engine.backward(token_loss * scale + 0.0 * anchor, scale_wrt_gas=False)
+                engine.step()
+                loss_sum += token_loss.detach().double()
+            loss = _all_reduce_sum([loss_sum.item()], device)[0] / max(answer_tokens, 1.0)
+            step += 1
+            counters["tokens"] += int(tokens)
+            counters["samples"] += int(samples)
+            counters["skipped"] += int(skipped)
+            dt = time.perf_counter() - t0
+            gn = engine.get_global_grad_norm()
+            gn = float(gn) if gn is not None and math.isfinite(float(gn)) else None
+            metrics.step(step, loss, lr, dt, int(tokens), int(samples), int(answer_tokens), int(skipped), gn)
+            result.losses.append((step, loss))
+            if not math.isfinite(loss):
+                raise FloatingPointError(f"step {step}: loss is {loss}")
+            if (cfg.save_every and step % cfg.save_every == 0) or step == stop:
+                state = dict(step=step, sampler=td.batches.sampler_state(step), counters=counters,
+                             world_size=world, global_batch=cfg.global_batch, micro_batch=cfg.micro_batch,
+                             grad_accum=cfg.grad_accum, stage=cfg.stage, seed=cfg.seed, total_steps=total,
+                             lora=cfg.lora, settings=settings)
+                last_saved = ckpt.save_checkpoint(engine, output, step, state, cfg.keep_last, rank, device)
+                metrics.note(f"step {step}: checkpoint {last_saved}")
+    finally:
+        metrics.close()
+        del batches, loader
+    result.steps = step
+    result.checkpoint = last_saved
+    if counters["skipped"]:
+        log.warning("%d samples could not be loaded and were skipped (see the warnings above)", counters["skipped"])
+    if step < total:
+        log.info("stopped after %d of %d steps (--stop-after); continue with --resume", step, total)
+    else:
+        if rank == 0:
+            result.final = ckpt.export_final(engine.module, tokenizer, output, settings)
+            log.info("final model: %s (GroundingGPT.from_pretrained loads it)", result.final)
+        _barrier()
+        result.final = os.path.join(output, "final")
+    result.seconds = time.perf_counter() - t_start
+    if rank == 0 and result.losses:
+        log.info("done in %.1fs: loss %.4f at step %d -> %.4f at step %d", result.seconds,
+                 result.losses[0][1], result.losses[0][0], result.losses[-1][1], result.losses[-1][0])
+    return result
+
+
+def _check_resumable(state: dict, cfg: TrainConfig, world: int, path: str) -> None:
+    same = {"world_size": world, "global_batch": cfg.global_batch, "micro_batch": cfg.micro_batch,
+            "grad_accum": cfg.grad_accum, "stage": cfg.stage, "seed": cfg.seed, "lora": cfg.lora}
+    diff = {k: (state.get(k), v) for k, v in same.items() if state.get(k) != v}
+    if diff:
+        detail = ", ".join(f"{k}: saved {a!r}, now {b!r}" for k, (a, b) in diff.items())
+        raise ValueError(f"cannot resume from {path}: settings differ ({detail}); the continued run would "
+                         "not match the interrupted one")

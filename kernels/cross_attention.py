@@ -1,0 +1,468 @@
+"""Attention for few queries over many keys (Q-Former cross- and self-attention).
+
+    out = attention(q, k, v, key_mask=None, dropout_p=0.0, seed=None, training=False, scale=None)
+
+Release shapes: 64 video queries over 2048 frame-query keys, 8 audio queries over 3 clips,
+64 over 64 in the self-attention; 12 heads x 64.
+
+Layout. q, k, v are (B, H, L, D) tensors of any strides whose last dimension is unit-stride,
+so the projections' (B, L, H*D) outputs go in as `x.view(B, L, H, D).transpose(1, 2)` without a
+copy. The output is (B, H, Lq, D) laid out in memory as (B, Lq, H, D): `out.transpose(1, 2)
+.flatten(2)` is the (B, Lq, H*D) context of the reference for free. D <= 128.
+
+Semantics (those of fastground.model.qformer.QFormerSelfAttention):
+    probs = softmax(q k^T * scale + bias),  scale = 1/sqrt(D) by default
+    out   = dropout(probs) @ v
+bias comes from key_mask (B, Lk), nonzero = attend. The reference adds finfo.min to masked
+scores; in floating point that replaces the score by one constant, so a partly masked row puts
+exactly zero weight on its masked keys and a fully masked row (every key of that batch entry
+masked) gets the uniform average of all Lk values. The kernel reproduces both: a masked score
+is replaced by -1e30 when the batch entry has an unmasked key, by 0 when it has none (then all
+scores are equal). Gradients flow to q and k through masked scores as in the reference (zero
+where the probability is zero, the softmax Jacobian of the uniform row for a fully masked one).
+
+Dropout keeps a probability with chance 1 - p and scales kept ones by 1/(1 - p); the keep bit
+of element (b, h, i, j) is `tl.rand(seed, ((b*H + h)*Lq + i)*Lk + j) >= p` (Philox, int64
+counter), regenerated in the backward, so no mask is stored;
+`attention_dropout_mask` returns the same bits for a reference computation.
+
+Algorithm (FlashAttention-2 style, fp32 softmax statistics, base-2 exponentials):
+  forward   one program per (query block, b*h, key split); online softmax over its keys. When
+            the query blocks alone cannot fill the GPU (B*H = 96 programs at B=8, 12 at B=1)
+            the keys are split and a combine kernel merges the fp32 partials by their
+            log-sum-exp. Only the row LSE is kept for the backward.
+  backward  delta = rowsum(dO * O) first; then one program per (chunk of key blocks, b*h)
+            recomputes P from the LSE, writes dK and dV of its key blocks, and accumulates dQ
+            for its chunk in fp32; chunks are summed in a fixed order (no atomics, so the
+            gradients are deterministic). With Lq <= BLOCK_M (all release shapes) q, dO, LSE and
+            delta are loaded once per program and dQ stays in registers.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from . import interpreter_fixes  # noqa: F401  (bf16 under TRITON_INTERPRET)
+from .aot import device_sms, launch
+from .partials import dense_like, sum_partials
+
+LOG2E = 1.4426950408889634
+MASKED = -1.0e30  # finite: exp2(MASKED - m) == 0, and MASKED - MASKED == 0 never makes NaN
+
+
+# --------------------------------------------------------------------------- kernels
+@triton.jit
+def _keep_bits(seed, bh, offs_m, offs_n, Lq, Lk, p_drop):
+    # int64 counter: B*H*Lq*Lk passes 2^31 at long sequences; Philox takes the high word.
+    off = (bh.to(tl.int64) * Lq + offs_m[:, None]) * Lk + offs_n[None, :]
+    return tl.rand(seed, off) >= p_drop
+
+
+@triton.jit
+def _dropout_mask_kernel(keep_ptr, seed, H, Lq, Lk, p_drop,
+                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    bh = tl.program_id(2)
+    keep = _keep_bits(seed, bh, offs_m, offs_n, Lq, Lk, p_drop)
+    ptrs = keep_ptr + (bh.to(tl.int64) * Lq + offs_m[:, None]) * Lk + offs_n[None, :]
+    tl.store(ptrs, keep.to(tl.int8), mask=(offs_m[:, None] < Lq) & (offs_n[None, :] < Lk))
+
+
+@triton.jit
+def _attn_fwd_kernel(q_ptr, k_ptr, v_ptr, mask_ptr, fill_ptr, o_ptr, lse_ptr,
+                     sqb, sqh, sqm, skb, skh, skn, svb, svh, svn, sob, soh, som,
+                     s_split_o, s_split_l, stride_mask,
+                     H, Lq, Lk, D, keys_per_split, qk_scale, seed, p_drop, keep_scale,
+                     HAS_MASK: tl.constexpr, DROPOUT: tl.constexpr, PRECISION: tl.constexpr,
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    pid_m = tl.program_id(0)
+    bh = tl.program_id(1)
+    split = tl.program_id(2)
+    b = bh // H
+    h = bh % H
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    m_ok = offs_m < Lq
+    d_ok = offs_d < D
+    q = tl.load(q_ptr + b.to(tl.int64) * sqb + h * sqh + offs_m[:, None] * sqm + offs_d[None, :],
+                mask=m_ok[:, None] & d_ok[None, :], other=0.0)
+    k_base = k_ptr + b.to(tl.int64) * skb + h * skh
+    v_base = v_ptr + b.to(tl.int64) * svb + h * svh
+    if HAS_MASK:
+        fill = tl.load(fill_ptr + b)
+    n_start = split * keys_per_split
+    n_end = tl.minimum(n_start + keys_per_split, Lk)
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    for n0 in range(n_start, n_end, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        n_ok = offs_n < n_end
+        kv_ok = n_ok[:, None] & d_ok[None, :]
+        k = tl.load(k_base + offs_n[:, None] * skn + offs_d[None, :], mask=kv_ok, other=0.0)
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
+        if HAS_MASK:
+            km = tl.load(mask_ptr + b * stride_mask + offs_n, mask=n_ok, other=1)
+            s = tl.where(km[None, :] != 0, s, fill)
+        s = tl.where(n_ok[None, :], s, float("-inf"))
+        # Each split starts with an in-range key, so m_new is finite from the first block.
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        if DROPOUT:
+            keep = _keep_bits(seed, bh, offs_m, offs_n, Lq, Lk, p_drop)
+            p = tl.where(keep, p, 0.0)
+        v = tl.load(v_base + offs_n[:, None] * svn + offs_d[None, :], mask=kv_ok, other=0.0)
+        acc = acc * alpha[:, None]
+        acc = tl.dot(p.to(v.dtype), v, acc, input_precision=PRECISION)
+        m_i = m_new
+    if DROPOUT:
+        acc = acc * keep_scale
+    out = acc / l_i[:, None]
+    lse = m_i + tl.log2(l_i)
+    o_off = split.to(tl.int64) * s_split_o + b.to(tl.int64) * sob + h * soh
+    tl.store(o_ptr + o_off + offs_m[:, None] * som + offs_d[None, :], out.to(o_ptr.dtype.element_ty),
+             mask=m_ok[:, None] & d_ok[None, :])
+    tl.store(lse_ptr + split.to(tl.int64) * s_split_l + bh.to(tl.int64) * Lq + offs_m, lse, mask=m_ok)
+
+
+@triton.jit
+def _attn_combine_kernel(po_ptr, pl_ptr, o_ptr, lse_ptr, n_splits,
+                         s_split_o, s_split_l, spb, sph, spm, sob, soh, som, H, Lq, D,
+                         BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+    # Merge per-split (normalised output, lse) pairs: weights 2^(lse_s - lse).
+    pid_m = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    m_ok = offs_m < Lq
+    ok = m_ok[:, None] & (offs_d[None, :] < D)
+    l_base = pl_ptr + bh.to(tl.int64) * Lq + offs_m
+    m = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    for s in range(0, n_splits):
+        m = tl.maximum(m, tl.load(l_base + s * s_split_l, mask=m_ok, other=0.0))
+    total = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    p_base = po_ptr + b.to(tl.int64) * spb + h * sph + offs_m[:, None] * spm + offs_d[None, :]
+    for s in range(0, n_splits):
+        w = tl.exp2(tl.load(l_base + s * s_split_l, mask=m_ok, other=0.0) - m)
+        total += w
+        acc += w[:, None] * tl.load(p_base + s * s_split_o, mask=ok, other=0.0)
+    out = acc / total[:, None]
+    tl.store(o_ptr + b.to(tl.int64) * sob + h * soh + offs_m[:, None] * som + offs_d[None, :],
+             out.to(o_ptr.dtype.element_ty), mask=ok)
+    tl.store(lse_ptr + bh.to(tl.int64) * Lq + offs_m, m + tl.log2(total), mask=m_ok)
+
+
+@triton.jit
+def _attn_bwd_delta_kernel(o_ptr, do_ptr, delta_ptr, sob, soh, som, sdb, sdh, sdm, H, Lq, D,
+                           BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+    pid_m = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    m_ok = offs_m < Lq
+    ok = m_ok[:, None] & (offs_d[None, :] < D)
+    o = tl.load(o_ptr + b.to(tl.int64) * sob + h * soh + offs_m[:, None] * som + offs_d[None, :],
+                mask=ok, other=0.0).to(tl.float32)
+    do = tl.load(do_ptr + b.to(tl.int64) * sdb + h * sdh + offs_m[:, None] * sdm + offs_d[None, :],
+                 mask=ok, other=0.0).to(tl.float32)
+    tl.store(delta_ptr + bh.to(tl.int64) * Lq + offs_m, tl.sum(o * do, axis=1), mask=m_ok)
+
+
+@triton.jit
+def _attn_bwd_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, mask_ptr, fill_ptr,
+                     dq_ptr, dk_ptr, dv_ptr,
+                     sqb, sqh, sqm, skb, skh, skn, svb, svh, svn, sdob, sdoh, sdom,
+                     sdq_split, sdqb, sdqh, sdqm, sdkb, sdkh, sdkn, sdvb, sdvh, sdvn, stride_mask,
+                     H, Lq, Lk, D, blocks_per_chunk, qk_scale, sm_scale, seed, p_drop, keep_scale,
+                     HAS_MASK: tl.constexpr, DROPOUT: tl.constexpr, SINGLE_Q: tl.constexpr,
+                     DQ_DIRECT: tl.constexpr, PRECISION: tl.constexpr,
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    chunk = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    b64 = b.to(tl.int64)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < D
+    q_base = q_ptr + b64 * sqb + h * sqh
+    do_base = do_ptr + b64 * sdob + h * sdoh
+    row_base = bh.to(tl.int64) * Lq
+    dq_base = dq_ptr + chunk.to(tl.int64) * sdq_split + b64 * sdqb + h * sdqh
+    if HAS_MASK:
+        fill = tl.load(fill_ptr + b)
+    offs_m = tl.arange(0, BLOCK_M)
+    if SINGLE_Q:
+        # Every key block of the chunk meets the same (only) query block: load it once.
+        m_ok = offs_m < Lq
+        qd_ok = m_ok[:, None] & d_ok[None, :]
+        q = tl.load(q_base + offs_m[:, None] * sqm + offs_d[None, :], mask=qd_ok, other=0.0)
+        do = tl.load(do_base + offs_m[:, None] * sdom + offs_d[None, :], mask=qd_ok, other=0.0)
+        lse = tl.load(lse_ptr + row_base + offs_m, mask=m_ok, other=0.0)
+        delta = tl.load(delta_ptr + row_base + offs_m, mask=m_ok, other=0.0)
+        dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    if SINGLE_Q:
+        n_qblocks = 1
+    else:
+        n_qblocks = tl.cdiv(Lq, BLOCK_M)
+    n_blocks = tl.cdiv(Lk, BLOCK_N)
+    kb_start = chunk * blocks_per_chunk
+    kb_end = tl.minimum(kb_start + blocks_per_chunk, n_blocks)
+    for kb in range(kb_start, kb_end):
+        offs_n = kb * BLOCK_N + tl.arange(0, BLOCK_N)
+        n_ok = offs_n < Lk
+        kv_ok = n_ok[:, None] & d_ok[None, :]
+        k = tl.load(k_ptr + b64 * skb + h * skh + offs_n[:, None] * skn + offs_d[None, :],
+                    mask=kv_ok, other=0.0)
+        v = tl.load(v_ptr + b64 * svb + h * svh + offs_n[:, None] * svn + offs_d[None, :],
+                    mask=kv_ok, other=0.0)
+        if HAS_MASK:
+            km = tl.load(mask_ptr + b * stride_mask + offs_n, mask=n_ok, other=1)
+        dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+        dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+        for qb in range(0, n_qblocks):
+            if not SINGLE_Q:
+                offs_m = qb * BLOCK_M + tl.arange(0, BLOCK_M)
+                m_ok = offs_m < Lq
+                qd_ok = m_ok[:, None] & d_ok[None, :]
+                q = tl.load(q_base + offs_m[:, None] * sqm + offs_d[None, :], mask=qd_ok, other=0.0)
+                do = tl.load(do_base + offs_m[:, None] * sdom + offs_d[None, :], mask=qd_ok, other=0.0)
+                lse = tl.load(lse_ptr + row_base + offs_m, mask=m_ok, other=0.0)
+                delta = tl.load(delta_ptr + row_base + offs_m, mask=m_ok, other=0.0)
+            s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
+            if HAS_MASK:
+                s = tl.where(km[None, :] != 0, s, fill)
+            # Padded query rows have q = dO = delta = 0, so whatever p they get, their
+            # contributions below vanish.
+            p = tl.exp2(tl.where(n_ok[None, :], s, float("-inf")) - lse[:, None])
+            dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
+            if DROPOUT:
+                keep = _keep_bits(seed, bh, offs_m, offs_n, Lq, Lk, p_drop)
+                z = tl.where(keep, p * keep_scale, 0.0)
+                dp = tl.where(keep, dp * keep_scale, 0.0)
+            else:
+                z = p
+            dv = tl.dot(tl.trans(z.to(do.dtype)), do, dv, input_precision=PRECISION)
+            ds = (p * (dp - delta[:, None])).to(q.dtype)
+            dk = tl.dot(tl.trans(ds), q, dk, input_precision=PRECISION)
+            if SINGLE_Q:
+                dq = tl.dot(ds, k, dq, input_precision=PRECISION)
+            else:
+                # This chunk's own fp32 slice: read-modify-write by one program only.
+                dq_ptrs = dq_base + offs_m[:, None] * sdqm + offs_d[None, :]
+                part = tl.dot(ds, k, tl.load(dq_ptrs, mask=qd_ok, other=0.0), input_precision=PRECISION)
+                tl.store(dq_ptrs, part, mask=qd_ok)
+        tl.store(dk_ptr + b64 * sdkb + h * sdkh + offs_n[:, None] * sdkn + offs_d[None, :],
+                 (dk * sm_scale).to(dk_ptr.dtype.element_ty), mask=kv_ok)
+        tl.store(dv_ptr + b64 * sdvb + h * sdvh + offs_n[:, None] * sdvn + offs_d[None, :],
+                 dv.to(dv_ptr.dtype.element_ty), mask=kv_ok)
+    if SINGLE_Q:
+        dq_ptrs = dq_base + offs_m[:, None] * sdqm + offs_d[None, :]
+        if DQ_DIRECT:
+            tl.store(dq_ptrs, (dq * sm_scale).to(dq_ptr.dtype.element_ty), mask=qd_ok)
+        else:
+            tl.store(dq_ptrs, dq, mask=qd_ok)
+
+
+# --------------------------------------------------------------------------- planning
+def _p2(n: int, lo: int, hi: int) -> int:
+    return max(lo, min(hi, triton.next_power_of_2(max(int(n), 1))))
+
+
+def _precision(dtype: torch.dtype) -> str:
+    # fp32: 3xTF32 (split operands, three tensor-core products) is within ~1e-6 of IEEE fp32
+    # products; "ieee" would fall back to FMA dots that spill at these tiles. Plain TF32 only
+    # when torch's own matmuls are allowed it. 16-bit inputs ignore the setting.
+    if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
+        return "tf32x3"
+    return "tf32"
+
+
+def fwd_config(BH: int, Lq: int, Lk: int, D: int, dtype: torch.dtype, sms: int) -> dict:
+    """Forward tiles and key splits.
+
+    BLOCK_M = pow2(Lq) in [16, 64]: 64 video / self-attention queries are one block, the 8
+    audio queries one block of 16 (tl.dot's minimum). BLOCK_N = pow2(Lk) in [16, 128]
+    (2048 keys: 128; 64 keys: 64; 3 clips: 16). 4 warps; 3 stages, 2 in fp32 whose tiles
+    are twice the bytes. Splits: when query blocks x B*H programs are fewer than the SMs,
+    the keys are cut into up to ceil(2 * SMs / programs) splits of >= 2 key blocks each
+    (B=8 video on an H100: 3 splits; B=1: 16).
+    """
+    cfg = dict(BLOCK_M=_p2(Lq, 16, 64), BLOCK_N=_p2(Lk, 16, 128), BLOCK_D=_p2(D, 16, 128),
+               num_warps=4, num_stages=2 if dtype == torch.float32 else 3)
+    programs = triton.cdiv(Lq, cfg["BLOCK_M"]) * BH
+    n_blocks = triton.cdiv(Lk, cfg["BLOCK_N"])
+    splits = 1
+    if programs < sms:
+        splits = max(1, min(triton.cdiv(2 * sms, programs), n_blocks // 2))
+    cfg["keys_per_split"] = triton.cdiv(n_blocks, splits) * cfg["BLOCK_N"]
+    return cfg
+
+
+def bwd_config(BH: int, Lq: int, Lk: int, D: int, dtype: torch.dtype, sms: int) -> dict:
+    """Backward tiles and key chunks.
+
+    BLOCK_M = pow2(Lq) in [16, 64], BLOCK_N = pow2(Lk) in [16, 64] (64: five 64x64 fp32
+    tiles live at once in 4 warps). Each program walks `blocks_per_chunk` key blocks, sized
+    so about 2 programs per SM exist (B=8, 2048 keys: 11 blocks, 3 chunks per head): fewer
+    chunks mean fewer dQ partials to write and sum, more would not add occupancy.
+    """
+    cfg = dict(BLOCK_M=_p2(Lq, 16, 64), BLOCK_N=_p2(Lk, 16, 64), BLOCK_D=_p2(D, 16, 128),
+               num_warps=4, num_stages=2 if dtype == torch.float32 else 3)
+    n_blocks = triton.cdiv(Lk, cfg["BLOCK_N"])
+    cfg["blocks_per_chunk"] = max(1, (n_blocks * BH) // (2 * sms))
+    return cfg
+
+
+def _strides4(t: torch.Tensor) -> tuple[int, int, int]:
+    return t.stride(0), t.stride(1), t.stride(2)
+
+
+def _mask_args(key_mask, B, Lk, device):
+    if key_mask is None:
+        return None, None
+    if key_mask.shape != (B, Lk):
+        raise ValueError(f"attention: key_mask must be (B, Lk) = {(B, Lk)}, got {tuple(key_mask.shape)}")
+    keep = key_mask.ne(0)
+    # Per batch entry: -1e30 for masked scores, or 0 when every key is masked (uniform row).
+    fill = torch.where(keep.any(dim=1), MASKED, 0.0).to(torch.float32)
+    return keep.to(torch.int8).contiguous(), fill
+
+
+# --------------------------------------------------------------------------- launchers
+def _attn_forward(q, k, v, mask8, fill, scale, p_drop, seed, cfg=None):
+    B, H, Lq, D = q.shape
+    Lk = k.shape[2]
+    cfg = dict(cfg or fwd_config(B * H, Lq, Lk, D, q.dtype, device_sms(q.device)))
+    nw, ns = cfg.pop("num_warps"), cfg.pop("num_stages")
+    kps = cfg.pop("keys_per_split")
+    splits = triton.cdiv(Lk, kps)
+    out = torch.empty((B, Lq, H, D), dtype=q.dtype, device=q.device).transpose(1, 2)
+    lse = torch.empty((B * H, Lq), dtype=torch.float32, device=q.device)
+    if splits == 1:
+        o_t, l_t = out, lse
+    else:
+        o_t = dense_like(out, splits)
+        l_t = torch.empty((splits, B * H, Lq), dtype=torch.float32, device=q.device)
+    dropout = p_drop > 0.0
+    has_mask = mask8 is not None
+    launch(_attn_fwd_kernel, (triton.cdiv(Lq, cfg["BLOCK_M"]), B * H, splits),
+           (q, k, v, mask8 if has_mask else q, fill if has_mask else q, o_t, l_t,
+            *_strides4(q), *_strides4(k), *_strides4(v), *_strides4(o_t[0] if splits > 1 else o_t),
+            o_t.stride(0) if splits > 1 else 0, l_t.stride(0) if splits > 1 else 0,
+            mask8.stride(0) if has_mask else 0,
+            H, Lq, Lk, D, kps, float(scale * LOG2E), int(seed), float(p_drop),
+            float(1.0 / (1.0 - p_drop)) if dropout else 1.0),
+           dict(HAS_MASK=has_mask, DROPOUT=dropout, PRECISION=_precision(q.dtype), **cfg), nw, ns)
+    if splits > 1:
+        launch(_attn_combine_kernel, (triton.cdiv(Lq, cfg["BLOCK_M"]), B * H),
+               (o_t, l_t, out, lse, splits, o_t.stride(0), l_t.stride(0), *_strides4(o_t[0]),
+                *_strides4(out), H, Lq, D),
+               dict(BLOCK_M=cfg["BLOCK_M"], BLOCK_D=cfg["BLOCK_D"]), 4, 1)
+    return out, lse
+
+
+def _attn_backward(do, q, k, v, out, lse, mask8, fill, scale, p_drop, seed, cfg=None):
+    B, H, Lq, D = q.shape
+    Lk = k.shape[2]
+    cfg = dict(cfg or bwd_config(B * H, Lq, Lk, D, q.dtype, device_sms(q.device)))
+    nw, ns = cfg.pop("num_warps"), cfg.pop("num_stages")
+    bpc = cfg.pop("blocks_per_chunk")
+    chunks = triton.cdiv(triton.cdiv(Lk, cfg["BLOCK_N"]), bpc)
+    single_q = Lq <= cfg["BLOCK_M"]
+    delta = torch.empty((B * H, Lq), dtype=torch.float32, device=q.device)
+    launch(_attn_bwd_delta_kernel, (triton.cdiv(Lq, cfg["BLOCK_M"]), B * H),
+           (out, do, delta, *_strides4(out), *_strides4(do), H, Lq, D),
+           dict(BLOCK_M=cfg["BLOCK_M"], BLOCK_D=cfg["BLOCK_D"]), 4, 1)
+    dq = torch.empty_like(q)
+    dk = torch.empty_like(k)
+    dv = torch.empty_like(v)
+    dq_direct = single_q and chunks == 1
+    dq_t = dq if dq_direct else dense_like(dq, chunks, zero=not single_q)
+    dropout = p_drop > 0.0
+    has_mask = mask8 is not None
+    launch(_attn_bwd_kernel, (chunks, B * H),
+           (q, k, v, do, lse, delta, mask8 if has_mask else q, fill if has_mask else q,
+            dq_t, dk, dv,
+            *_strides4(q), *_strides4(k), *_strides4(v), *_strides4(do),
+            0 if dq_direct else dq_t.stride(0), *_strides4(dq_t if dq_direct else dq_t[0]),
+            *_strides4(dk), *_strides4(dv), mask8.stride(0) if has_mask else 0,
+            H, Lq, Lk, D, bpc, float(scale * LOG2E), float(scale), int(seed), float(p_drop),
+            float(1.0 / (1.0 - p_drop)) if dropout else 1.0),
+           dict(HAS_MASK=has_mask, DROPOUT=dropout, SINGLE_Q=single_q, DQ_DIRECT=dq_direct,
+                PRECISION=_precision(q.dtype), **cfg), nw, ns)
+    if not dq_direct:
+        sum_partials(dq_t, dq, scale)
+    return dq, dk, dv
+
+
+# --------------------------------------------------------------------------- autograd
+class CrossAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, mask8, fill, scale, p_drop, seed):
+        out, lse = _attn_forward(q, k, v, mask8, fill, scale, p_drop, seed)
+        ctx.save_for_backward(q, k, v, out, lse, mask8, fill)
+        ctx.consts = (scale, p_drop, seed)
+        return out
+
+    @staticmethod
+    def backward(ctx, do):
+        q, k, v, out, lse, mask8, fill = ctx.saved_tensors
+        scale, p_drop, seed = ctx.consts
+        do = do if do.stride(-1) == 1 else do.contiguous()
+        dq, dk, dv = _attn_backward(do, q, k, v, out, lse, mask8, fill, scale, p_drop, seed)
+        return dq, dk, dv, None, None, None, None, None
+
+
+def _unit_last(t: torch.Tensor) -> torch.Tensor:
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask: torch.Tensor | None = None,
+              dropout_p: float = 0.0, seed: int | None = None, training: bool = False,
+              scale: float | None = None) -> torch.Tensor:
+    """softmax(q k^T * scale + key-mask bias) (with dropout when training) @ v.
+
+    q: (B, H, Lq, D); k, v: (B, H, Lk, D); key_mask: (B, Lk), nonzero = attend. Dropout acts
+    only when training and dropout_p > 0; seed None draws one from torch's CPU generator (so
+    torch.manual_seed makes runs repeatable). Returns (B, H, Lq, D), memory (B, Lq, H, D).
+    """
+    if q.dim() != 4 or k.shape != v.shape or q.shape[:2] != k.shape[:2] or q.shape[3] != k.shape[3]:
+        raise ValueError(f"attention: q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)} "
+                         "must be (B, H, Lq, D), (B, H, Lk, D), (B, H, Lk, D)")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise ValueError(f"attention: dtypes differ ({q.dtype}, {k.dtype}, {v.dtype})")
+    B, H, Lq, D = q.shape
+    Lk = k.shape[2]
+    if D > 128 or Lk == 0:
+        raise ValueError(f"attention: head dim {D} > 128 or no keys")
+    p = float(dropout_p) if training else 0.0
+    if not 0.0 <= p < 1.0:
+        raise ValueError(f"attention: dropout_p must be in [0, 1), got {dropout_p}")
+    if p > 0.0 and seed is None:
+        seed = int(torch.randint(0, 2**62, (1,)).item())
+    scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
+    mask8, fill = _mask_args(key_mask, B, Lk, q.device)
+    return CrossAttention.apply(_unit_last(q), _unit_last(k), _unit_last(v), mask8, fill, scale, p,
+                                int(seed or 0))
+
+
+def attention_dropout_mask(seed: int, B: int, H: int, Lq: int, Lk: int, p: float,
+                           device: torch.device | str = "cpu") -> torch.Tensor:
+    """The keep mask (B, H, Lq, Lk), bool, that `attention(..., dropout_p=p, seed=seed,
+    training=True)` applies: reference = softmax(...) * mask / (1 - p) @ v."""
+    keep = torch.empty((B, H, Lq, Lk), dtype=torch.int8, device=device)
+    bm, bn = _p2(Lq, 16, 64), _p2(Lk, 16, 128)
+    launch(_dropout_mask_kernel, (triton.cdiv(Lq, bm), triton.cdiv(Lk, bn), B * H),
+           (keep, int(seed), H, Lq, Lk, float(p)), dict(BLOCK_M=bm, BLOCK_N=bn), 4, 1)
+    return keep.view(torch.bool)

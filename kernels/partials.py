@@ -1,0 +1,46 @@
+"""Deterministic reduction of split-K partial sums.
+
+Kernels that split a long reduction across programs (weight gradients over 16k rows, dQ over
+2k keys) write fp32 partials to their own slice instead of using atomics, so a gradient is
+bit-identical from run to run; this sums the slices in a fixed order and casts.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from . import interpreter_fixes  # noqa: F401  (bf16 under TRITON_INTERPRET)
+from .aot import launch
+
+
+@triton.jit
+def _sum_partials_kernel(part_ptr, out_ptr, n_parts, numel, scale, BLOCK: tl.constexpr):
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    ok = offs < numel
+    acc = tl.zeros([BLOCK], dtype=tl.float32)
+    for s in range(0, n_parts):
+        acc += tl.load(part_ptr + s * numel + offs, mask=ok, other=0.0)
+    tl.store(out_ptr + offs, (acc * scale).to(out_ptr.dtype.element_ty), mask=ok)
+
+
+def dense_like(ref: torch.Tensor, n: int, dtype=torch.float32, zero: bool = False) -> torch.Tensor:
+    """(n, *ref.shape) buffer whose every slice [i] has ref's memory order, so slice i and ref
+    share flat memory indices (what `sum_partials` relies on)."""
+    perm = sorted(range(ref.dim()), key=lambda d: (-ref.stride(d), -ref.shape[d]))
+    shape = [ref.shape[d] for d in perm]
+    make = torch.zeros if zero else torch.empty
+    buf = make([n] + shape, dtype=dtype, device=ref.device)
+    inv = [0] * len(perm)
+    for i, d in enumerate(perm):
+        inv[d] = i + 1
+    return buf.permute([0] + inv)
+
+
+def sum_partials(part: torch.Tensor, out: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
+    """out = scale * part.sum(0); `part` from `dense_like(out, n)`, `out` dense (any order)."""
+    numel = out.numel()
+    block = 1024
+    launch(_sum_partials_kernel, (triton.cdiv(numel, block),),
+           (part, out, part.shape[0], numel, float(scale)), dict(BLOCK=block), num_warps=4, num_stages=1)
+    return out

@@ -1,0 +1,108 @@
+"""Every configuration the cross-attention launchers pick at the groundinggpt-7b shapes
+compiles for sm_80 and sm_90, fits the chip's shared memory and does not spill registers.
+
+The configurations are not listed by hand: the real launchers run on "meta" tensors inside
+`record_launches`, which collects each launch (kernel, constexprs, warps, stages and the
+argument specialisation Triton's JIT would make) instead of running it. No GPU needed.
+(The fused-linear kernels have their own file, test_kernels_aot_linear.py.)
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fastground.config import GroundingGPTConfig
+from fastground.kernels import aot
+from fastground.kernels.cross_attention import attention, attention_dropout_mask
+from fastground.kernels.kv_proj_pe import kv_proj_pe
+
+CCS = (80, 90)
+SMS = {80: 108, 90: 132}  # A100, H100 SXM: split heuristics depend on the SM count
+BATCH = 8  # per-GPU batch of the release's stage 1 (64 over 8 GPUs)
+
+
+def _meta(*shape, dtype, grad=True):
+    return torch.empty(*shape, dtype=dtype, device="meta", requires_grad=grad)
+
+
+def _cross_attention_layer(B, Lq, Lenc, enc_width, rows_per_pos, num_pos, max_pos, heads, dtype,
+                           train, masked=False):
+    """One Q-Former cross-attention as the fast path runs it (K/V with PE, attention),
+    forward and, when training, backward; plus the self-attention over the queries."""
+    hidden = heads * 64
+    x = _meta(B, Lenc, enc_width, dtype=dtype, grad=train)
+    pe = _meta(max_pos, enc_width, dtype=dtype, grad=train)
+    w = [_meta(hidden, enc_width, dtype=dtype, grad=train) for _ in range(2)]
+    b = [_meta(hidden, dtype=dtype, grad=train) for _ in range(2)]
+    k, v = kv_proj_pe(x, pe, rows_per_pos, num_pos, w[0], b[0], w[1], b[1])
+    q = _meta(B, Lq, hidden, dtype=dtype, grad=train)
+    split = lambda t: t.view(B, t.shape[1], heads, 64).transpose(1, 2)
+    mask = torch.ones(B, Lenc, dtype=torch.long, device="meta") if masked else None
+    out = attention(split(q), split(k), split(v), mask, dropout_p=0.1, training=train, seed=1)
+    qs = _meta(B, Lq, 3 * hidden, dtype=dtype, grad=train)
+    out_self = attention(*[split(t) for t in qs.split(hidden, dim=-1)], dropout_p=0.1, training=train, seed=2)
+    if train:
+        (out.float().sum() + out_self.float().sum()).backward()
+
+
+def _release_launches() -> list[aot.Launch]:
+    cfg = GroundingGPTConfig.from_preset("groundinggpt-7b")
+    heads = cfg.qformer_num_heads
+    video = dict(Lq=cfg.video_token_len, Lenc=cfg.num_frames * cfg.num_query_token,
+                 enc_width=cfg.qformer_hidden_size, rows_per_pos=cfg.num_query_token,
+                 num_pos=cfg.num_frames, max_pos=cfg.max_frame)
+    audio = dict(Lq=cfg.sound_token_len, Lenc=cfg.num_audio_clips, enc_width=cfg.audio_out_dim,
+                 rows_per_pos=1, num_pos=cfg.num_audio_clips, max_pos=cfg.audio_position_embeddings)
+    launches = []
+    for cc in CCS:
+        with aot.record_launches(num_sms=SMS[cc]) as rec:
+            for dtype in (torch.bfloat16, torch.float32):
+                for branch in (video, audio):
+                    for train in (True, False):
+                        _cross_attention_layer(BATCH, heads=heads, dtype=dtype, train=train, **branch)
+                _cross_attention_layer(BATCH, heads=heads, dtype=dtype, train=True, masked=True, **video)
+                _cross_attention_layer(1, heads=heads, dtype=dtype, train=False, **video)  # B=1 inference
+            attention_dropout_mask(1, BATCH, heads, cfg.video_token_len, 2048, 0.1, device="meta")
+        launches += rec
+    unique = {}
+    for launch in launches:
+        unique.setdefault(launch.key(), launch)
+    return list(unique.values())
+
+
+@pytest.fixture(scope="module")
+def compiled():
+    launches = _release_launches()
+    jobs = [launch.job(cc) for launch in launches for cc in CCS]
+    results = aot.compile_many(jobs, keep_asm=True)
+    rows = []
+    for job, (c, smem) in zip(jobs, results):
+        usage = aot.resource_usage(c)
+        consts = {k: v for k, v in job.constexprs.items() if k.isupper() or k.startswith("BLOCK")}
+        rows.append(dict(kernel=c.name, cc=job.cc, smem=smem, warps=job.num_warps, stages=job.num_stages,
+                         consts=consts, **usage))
+    return rows
+
+
+def test_release_plan_covers_every_kernel():
+    names = {launch.kernel.fn.__name__ for launch in _release_launches()}
+    assert names == {"_kv_fwd_kernel", "_kv_bwd_dx_kernel", "_pe_grad_kernel", "_kv_bwd_dw_kernel",
+                     "_sum_partials_kernel", "_attn_fwd_kernel", "_attn_combine_kernel",
+                     "_attn_bwd_delta_kernel", "_attn_bwd_kernel", "_dropout_mask_kernel"}
+
+
+@pytest.mark.parametrize("cc", CCS)
+def test_shared_memory_fits(compiled, cc):
+    rows = [r for r in compiled if r["cc"] == cc]
+    assert rows
+    for r in rows:
+        print(f"sm_{cc} {r['kernel']:24s} smem {r['smem']:7d} B  regs {r['registers']:3d}  "
+              f"warps {r['warps']} stages {r['stages']}  {r['consts']}")
+    too_big = [r for r in rows if not aot.fits(r["smem"], cc)]
+    assert not too_big, f"over {aot.SMEM_LIMIT[cc]} B of shared memory: {too_big}"
+
+
+@pytest.mark.parametrize("cc", CCS)
+def test_no_register_spills(compiled, cc):
+    spills = [r for r in compiled if r["cc"] == cc and (r["local"] or r["stack"])]
+    assert not spills, f"register spills: {spills}"
