@@ -166,6 +166,9 @@ class GroundingGPT(nn.Module):
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         nn.init.normal_(self.lm_head.weight, std=config.initializer_range)
         announce_backend(self.model.config._attn_implementation)
+        if config.fast_path:
+            from fastground.fast.patching import patch
+            patch(self)
 
     # ------------------------------------------------------------------ embeddings
     def embed(self, input_ids: torch.Tensor, images=None, videos=None, sounds=None) -> torch.Tensor:
