@@ -1,6 +1,17 @@
 """fastground: an exact, fast engine for GroundingGPT."""
 from fastground.config import GroundingGPTConfig
-from fastground.model.groundinggpt import GroundingGPT
+
+__all__ = ["GroundingGPTConfig", "GroundingGPT", "patch", "unpatch"]
+__version__ = "0.1.0"
+
+
+def __getattr__(name):
+    # The model pulls in transformers (seconds to import); data tools and the demo
+    # generator should not pay for it.
+    if name == "GroundingGPT":
+        from fastground.model.groundinggpt import GroundingGPT
+        return GroundingGPT
+    raise AttributeError(f"module 'fastground' has no attribute {name!r}")
 
 
 def patch(model):
@@ -14,7 +25,3 @@ def unpatch(model):
     """Revert `patch(model)`."""
     from fastground.fast.patching import unpatch as _unpatch
     return _unpatch(model)
-
-
-__all__ = ["GroundingGPTConfig", "GroundingGPT", "patch", "unpatch"]
-__version__ = "0.1.0"

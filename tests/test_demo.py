@@ -46,9 +46,27 @@ def _hashes(root):
 
 
 def test_same_seed_same_bytes(tmp_path):
+    import subprocess
+    import sys
+
     kw = dict(seed=3, n_images=8, n_videos=4, n_sounds=4)
-    a = D.generate_demo_data(tmp_path / "a", **kw)
-    b = D.generate_demo_data(tmp_path / "b", **kw)
+    # The second run is a fresh process with another hash seed: nothing may depend on
+    # per-process state (set order, Rust hash maps in the tokenizer trainer). It stands
+    # in an empty `fastground` package so that only the generator's own imports load,
+    # not the model stack the package __init__ pulls in (seconds of test time).
+    b = tmp_path / "b"
+    pkg_dir = os.path.dirname(os.path.dirname(os.path.abspath(D.__file__)))  # .../fastground
+    code = ("import sys, types; p = types.ModuleType('fastground'); p.__path__ = [sys.argv[1]]; "
+            "sys.modules['fastground'] = p; from fastground.data.demo import main; "
+            "sys.exit(main(sys.argv[2:]))")
+    proc = subprocess.Popen(
+        [sys.executable, "-c", code, pkg_dir, "--out", str(b),
+         "--seed", "3", "--n-images", "8", "--n-videos", "4", "--n-sounds", "4"],
+        env=dict(os.environ, PYTHONHASHSEED="12345"), stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE)
+    a = D.generate_demo_data(tmp_path / "a", **kw)  # meanwhile, in this process
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err.decode()[-2000:]
     ha, hb = _hashes(a), _hashes(b)
     assert len(ha) == 8 + 4 + 4 + 5 + 2  # media, 3 stages + annotations + manifest, tokenizer
     assert ha == hb

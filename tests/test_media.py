@@ -102,7 +102,7 @@ def test_expand2square_offsets_match_grounding():
 
 
 def test_clip_preprocess_matches_transformers_processor():
-    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("transformers")
     try:
         from transformers import CLIPImageProcessorPil as Proc
     except ImportError:  # transformers 4.x: the slow processor is PIL-based
@@ -213,7 +213,7 @@ def test_dali_decodes_the_same_frames_as_pyav(demo, truth):
 def test_dali_vs_pyav_within_documented_bound(demo, truth):
     pyav, dali = V.get_decoder("pyav"), V.get_decoder("dali")
     worst_max, worst_mean, worst_frac = 0, 0.0, 0.0
-    for k, rel in enumerate(list(truth["videos"])[:16]):
+    for k, rel in enumerate(list(truth["videos"])[:8]):
         for train, seed, mode in [(False, None, "squash"), (True, k, "squash"),
                                   (True, k + 100, "center_crop")]:
             a = pyav.decode(demo / rel, 4, 56, train, seed, resize_mode=mode)
@@ -330,6 +330,7 @@ def test_kaldi_fbank_against_independent_numpy():
     assert np.abs(ours - ref).mean() < 1e-4
 
 
+@pytest.mark.filterwarnings("ignore:At least one mel filter has all zero values")
 def test_kaldi_fbank_against_transformers_kaldi_port():
     audio_utils = pytest.importorskip("transformers.audio_utils")
     x = _test_signal(seed=1)
@@ -426,8 +427,8 @@ def test_load_audio_layout_and_normalisation(demo, truth, cfg):
 
 def test_dali_audio_within_documented_bound(demo, truth, cfg):
     sounds = list(truth["sounds"].items())
-    picked = [r for r, i in sounds if i["sample_rate"] == 16000][:8] + \
-             [r for r, i in sounds if i["sample_rate"] == 44100][:4]
+    picked = [r for r, i in sounds if i["sample_rate"] == 16000][:4] + \
+             [r for r, i in sounds if i["sample_rate"] == 44100][:2]
     worst = [0.0, 0.0, 0.0]
     for rel in picked:
         a = A.load_audio(demo / rel, cfg)
@@ -460,9 +461,11 @@ def test_audio_errors(tmp_path, demo, truth, cfg):
     _write_wav(zero, [])
     _write_wav(silent, np.zeros(48000))
     _write_wav(short, 1000 * np.sin(np.arange(100)))
+    offset = tmp_path / "offset.wav"
+    _write_wav(offset, np.full(48000, 3000))
     cases = [(tmp_path / "missing.wav", "file not found"), (cut, "truncated"),
              (junk, "not a readable audio"), (zero, "zero-length"), (silent, "silent"),
-             (short, "too short")]
+             (offset, "silent"), (short, "too short")]
     for loader in (A.load_audio, A.dali_audio_features):
         for p, word in cases:
             with pytest.raises(MediaError) as ei:

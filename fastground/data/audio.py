@@ -29,8 +29,9 @@ The release feeds ImageBind's audio trunk through ImageBind's
 
 Inputs the model must not see are errors (MediaError naming the sample, the file and the
 problem): missing, unreadable or truncated files, zero-length audio, audio shorter than
-one 25 ms window, and audio whose fbank channel is digital silence (peak below one
-16-bit step), which would give features made only of the log floor.
+one 25 ms window, non-finite samples, and audio whose fbank channel is digital silence
+(peak around its mean below one 16-bit step; a constant offset counts as silence, the
+mean removals take it away), which would give features made only of the log floor.
 
 `dali_audio_features` computes the same features with NVIDIA DALI: `fn.decoders.audio`,
 then `fn.preemphasis_filter`, `fn.spectrogram`, `fn.mel_filter_bank` (HTK formula), log,
@@ -410,12 +411,16 @@ def _check_signal(w: torch.Tensor, channels: str, path: str, sample_id: Any) -> 
         raise MediaError(path, f"audio too short: {n} samples at {SAMPLE_RATE} Hz "
                                f"({1000 * n / SAMPLE_RATE:.1f} ms), one 25 ms fbank frame "
                                f"needs {_WINDOW_SAMPLES}", sample_id)
+    if not bool(torch.isfinite(w).all()):
+        raise MediaError(path, "corrupt audio: non-finite (NaN or inf) samples", sample_id)
     seen = w.mean(0) if channels == "mix" else w[0]
-    peak = float(seen.abs().max())
+    # Peak around the mean: a constant offset is silence too once the clip means and the
+    # per-frame DC removal have taken it away.
+    peak = float((seen - seen.mean()).abs().max())
     if peak < SILENCE_PEAK:
         which = "audio" if channels == "mix" or w.shape[0] == 1 else "channel 0 (the fbank channel)"
-        raise MediaError(path, f"silent audio: {which} has peak amplitude {peak:.3g}, "
-                               f"below one 16-bit step", sample_id)
+        raise MediaError(path, f"silent audio: {which} has peak amplitude {peak:.3g} around "
+                               f"its mean, below one 16-bit step", sample_id)
 
 
 def waveform_to_features(w: torch.Tensor, cfg, channels: str = "release") -> torch.Tensor:

@@ -33,9 +33,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import io
 import json
-import math
 import os
 import shutil
 import sys

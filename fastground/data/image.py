@@ -13,7 +13,7 @@ built offline. Kept as the release has it: no EXIF rotation, alpha dropped by
 from __future__ import annotations
 
 import os
-from typing import Any, Optional
+from typing import Any
 
 import numpy as np
 import torch

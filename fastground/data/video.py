@@ -265,8 +265,8 @@ class PyAVDecoder(VideoDecoder):
         from PIL import Image
 
         flags = Interpolation.BILINEAR | Interpolation.FULL_CHR_H_INT | Interpolation.ACCURATE_RND
-        wanted = sorted(set(int(i) for i in idx))
-        last = wanted[-1]
+        wanted = set(int(i) for i in idx)
+        last = max(wanted)
         got: dict[int, np.ndarray] = {}
         container = _open_container(path, sample_id)
         n = -1
