@@ -11,8 +11,8 @@ import json
 import os
 import platform
 import re
+import shlex
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -49,6 +49,9 @@ def pytest_addoption(parser):
                      "compile at the smallest release batch only)")
     g.addoption("--fg-budget-s", type=float, default=None,
                 help="skip cases that would start after this many seconds (default: none)")
+    g.addoption("--fg-cpu-threads", type=int, default=1,
+                help="torch intra-op threads for CPU runs (default 1: tiny shapes gain nothing from more, "
+                     "and spinning thread pools collapse on a shared, oversubscribed machine)")
     g.addoption("--fg-results-dir", default=str(BENCH_DIR / "results"),
                 help="where the results JSON goes (default bench/results)")
 
@@ -74,6 +77,8 @@ class FG:
         self.budget_s = config.getoption("fg_budget_s")
         self.start = time.monotonic()
         self.target_s, self.min_rounds, self.max_rounds = (0.5, 10, 50) if self.gpu else (0.3, 5, 30)
+        if not self.gpu:
+            torch.set_num_threads(max(1, config.getoption("fg_cpu_threads")))
         self.records: list[dict] = []
         self._ceilings = None
         self._model = None
@@ -125,7 +130,8 @@ class FG:
             torch.manual_seed(0)
             with torch.device(self.device):
                 m = GroundingGPT(self.cfg)
-            self._model = m.to(self.dtype)
+            # some buffers are made on the CPU whatever the default device: move everything
+            self._model = m.to(device=self.device, dtype=self.dtype)
         return self._model
 
     def generator(self, seed: int) -> torch.Generator:
@@ -146,6 +152,7 @@ def fg(request) -> FG:
     global _FG
     if _FG is None:
         _FG = FG(request.config)
+        _ = _FG.ceilings  # measured before any case allocates, on a quiet device
     return _FG
 
 
@@ -177,12 +184,12 @@ def pytest_collection_modifyitems(session, config, items):
     def key(pair):
         idx, item = pair
         try:
-            Path(item.fspath).resolve().relative_to(BENCH_DIR)
+            Path(item.path).resolve().relative_to(BENCH_DIR)
         except ValueError:
             return (0, 0, 0, idx)
         params = getattr(getattr(item, "callspec", None), "params", {})
         batch = params.get("batch") or (params.get("train_case") or (0, 0))[1]
-        mod = Path(item.fspath).stem
+        mod = Path(item.path).stem
         rank = MODULE_ORDER.index(mod) if mod in MODULE_ORDER else len(MODULE_ORDER)
         return (1, batch, rank, idx)
     items[:] = [it for _, it in sorted(enumerate(items), key=key)]
@@ -229,7 +236,7 @@ def _command(config) -> str:
     args = list(config.invocation_params.args)
     cwd = str(Path.cwd())
     args = [a.replace(cwd + os.sep, "").replace(str(REPO) + os.sep, "") for a in args]
-    return " ".join(["python -m pytest"] + args)
+    return "python -m pytest " + shlex.join(args)
 
 
 def _versions() -> dict:
@@ -312,7 +319,8 @@ def pytest_terminal_summary(terminalreporter):
             tr.write_line(line)
     else:
         tr.write_line("no case ran")
-    for line in report.target_lines({"cases": fg.records, "skipped": _SKIPPED, "shapes": fg.shapes}):
+    for line in report.target_lines({"cases": fg.records, "skipped": _SKIPPED, "shapes": fg.shapes,
+                                          "device_info": {"kind": fg.device.type}}):
         tr.write_line(line)
     for p in _WRITTEN:
         tr.write_line(f"results written to {os.path.relpath(p)}")

@@ -256,12 +256,14 @@ class SliceShape:
     video: QFormerShape = QFormerShape()
     clips: int = 3
     audio: QFormerShape = AUDIO_QFORMER
+    video_pe_rows: int = 64         # max_frame: the optimizer updates the whole table
+    audio_pe_rows: int = 8          # audio_position_embeddings
 
 
 def slice_params(s: SliceShape, stage: int) -> int:
     """Parameters the optimizer updates in a stage (1: adapters; 2, 3: adapters + LLM)."""
     adapters = (adapter_params(s.clip_width, s.llama.hidden, s.llama.hidden)
-                + qformer_branch_params(s.video, s.frames) + qformer_branch_params(s.audio, s.clips))
+                + qformer_branch_params(s.video, s.video_pe_rows) + qformer_branch_params(s.audio, s.audio_pe_rows))
     if stage == 1:
         return adapters
     lm = s.layers * decoder_layer_params(s.llama) + 2 * s.llama.vocab * s.llama.hidden + s.llama.hidden

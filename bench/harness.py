@@ -116,11 +116,12 @@ def _pick_rounds(t_call_s: float, target_s: float, lo: int, hi: int) -> int:
 
 def run_case(benchmark, fg, info: CaseInfo, fn: Callable[..., Any], inputs: Sequence[tuple], *,
              before_each: Callable[[], None] | None = None, warmup: int | None = None,
-             extra: dict | None = None) -> dict:
+             rounds: int | None = None, extra: dict | None = None) -> dict:
     """Warm up, time `fn(*inputs[i])` with inputs rotated, record the figures.
 
     `before_each` runs before every call outside the timed region (zeroing gradients,
-    say). Returns the figure dict, which also lands in benchmark.extra_info and in the
+    say). `rounds` fixes the number of timed calls (default: enough for fg.target_s).
+    Returns the figure dict, which also lands in benchmark.extra_info and in the
     session's results.
     """
     device = fg.device
@@ -151,7 +152,8 @@ def run_case(benchmark, fg, info: CaseInfo, fn: Callable[..., Any], inputs: Sequ
         sync(device)
         t_last = time.perf_counter() - t0
 
-    rounds = _pick_rounds(t_last, fg.target_s, fg.min_rounds, fg.max_rounds)
+    if rounds is None:
+        rounds = _pick_rounds(t_last, fg.target_s, fg.min_rounds, fg.max_rounds)
     host_s: list[float] = []
     events: list[tuple] = []
 

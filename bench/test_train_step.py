@@ -28,7 +28,8 @@ def slice_shape(cfg) -> floors.SliceShape:
                                 vocab=cfg.vocab_size),
         layers=cfg.num_hidden_layers, image_tokens=cfg.image_token_len, clip_width=cfg.clip_hidden_size,
         frames=cfg.num_frames, queries_per_frame=cfg.num_query_token, video=qformer_shape(cfg, "video"),
-        clips=cfg.num_audio_clips, audio=qformer_shape(cfg, "audio"))
+        clips=cfg.num_audio_clips, audio=qformer_shape(cfg, "audio"), video_pe_rows=cfg.max_frame,
+        audio_pe_rows=cfg.audio_position_embeddings)
 
 
 def make_batch(fg, batch, seq, seed):
