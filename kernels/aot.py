@@ -218,11 +218,16 @@ class Launch:
         from triton.backends.compiler import BaseBackend
 
         names = list(self.kernel.arg_names)
+        if hasattr(self.kernel, "params"):
+            fixed = {p.name for p in self.kernel.params if p.do_not_specialize}
+        else:  # interpreter object: the decorator's keywords
+            dns = (getattr(self.kernel, "kwargs", None) or {}).get("do_not_specialize") or ()
+            fixed = {names[d] if isinstance(d, int) else d for d in dns}
         sig, consts = {}, {}
         positional = [n for n in names if n not in self.constexprs]
         assert len(positional) == len(self.args), (self.kernel, positional, len(self.args))
         for name, value in zip(positional, self.args):
-            ty, attr = native_specialize_impl(BaseBackend, value, False, True, True)[:2]
+            ty, attr = native_specialize_impl(BaseBackend, value, False, name not in fixed, True)[:2]
             if ty == "constexpr":
                 sig[name] = "constexpr"
                 consts[name] = attr

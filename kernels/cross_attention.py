@@ -22,9 +22,10 @@ scores are equal). Gradients flow to q and k through masked scores as in the ref
 where the probability is zero, the softmax Jacobian of the uniform row for a fully masked one).
 
 Dropout keeps a probability with chance 1 - p and scales kept ones by 1/(1 - p); the keep bit
-of element (b, h, i, j) is `tl.rand(seed, ((b*H + h)*Lq + i)*Lk + j) >= p` (Philox, int64
-counter), regenerated in the backward, so no mask is stored;
-`attention_dropout_mask` returns the same bits for a reference computation.
+of element (b, h, i, j) is `tl.rand(philox_key(seed), ((b*H + h) << 32) + i*Lk + j) >= p`
+(Philox-4x32-10: one counter per element, no two elements share one), regenerated in the
+backward, so no mask is stored; `attention_dropout_mask` returns the same bits for a
+reference computation.
 
 Algorithm (FlashAttention-2 style, fp32 softmax statistics, base-2 exponentials):
   forward   one program per (query block, b*h, key split); online softmax over its keys. When
@@ -53,26 +54,38 @@ LOG2E = 1.4426950408889634
 MASKED = -1.0e30  # finite: exp2(MASKED - m) == 0, and MASKED - MASKED == 0 never makes NaN
 
 
+def philox_key(seed: int) -> int:
+    """The Philox key the kernels get for a user seed: always in [2^62, 2^63), so the argument
+    is always an i64 and, with do_not_specialize, one compiled kernel serves every seed (a
+    seed of 1 or one that fits 32 bits would otherwise each compile a variant)."""
+    return int(seed) % (1 << 62) + (1 << 62)
+
+
 # --------------------------------------------------------------------------- kernels
 @triton.jit
-def _keep_bits(seed, bh, offs_m, offs_n, Lq, Lk, p_drop):
-    # int64 counter: B*H*Lq*Lk passes 2^31 at long sequences; Philox takes the high word.
-    off = (bh.to(tl.int64) * Lq + offs_m[:, None]) * Lk + offs_n[None, :]
-    return tl.rand(seed, off) >= p_drop
+def _keep_bits(seed, bh, offs_m, offs_n, Lk, p_drop):
+    # = tl.rand(seed, (bh << 32) + i*Lk + j), spelled through tl.philox so the 64-bit counter is
+    # never built per element: its high word is this program's scalar bh, its low word fits
+    # 32 bits (Lq*Lk < 2^31). A 64-bit offset tile costs enough registers to spill on sm_80.
+    c0 = (offs_m[:, None] * Lk + offs_n[None, :]).to(tl.uint32, bitcast=True)
+    c1 = tl.full(c0.shape, 0, tl.uint32) + bh.to(tl.uint32)
+    zero = tl.full(c0.shape, 0, tl.uint32)
+    r, _, _, _ = tl.philox(seed, c0, c1, zero, zero)
+    return tl.random.uint_to_uniform_float(r) >= p_drop
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["seed"])
 def _dropout_mask_kernel(keep_ptr, seed, H, Lq, Lk, p_drop,
                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     bh = tl.program_id(2)
-    keep = _keep_bits(seed, bh, offs_m, offs_n, Lq, Lk, p_drop)
+    keep = _keep_bits(seed, bh, offs_m, offs_n, Lk, p_drop)
     ptrs = keep_ptr + (bh.to(tl.int64) * Lq + offs_m[:, None]) * Lk + offs_n[None, :]
     tl.store(ptrs, keep.to(tl.int8), mask=(offs_m[:, None] < Lq) & (offs_n[None, :] < Lk))
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["seed"])
 def _attn_fwd_kernel(q_ptr, k_ptr, v_ptr, mask_ptr, fill_ptr, o_ptr, lse_ptr,
                      sqb, sqh, sqm, skb, skh, skn, svb, svh, svn, sob, soh, som,
                      s_split_o, s_split_l, stride_mask,
@@ -115,7 +128,7 @@ def _attn_fwd_kernel(q_ptr, k_ptr, v_ptr, mask_ptr, fill_ptr, o_ptr, lse_ptr,
         p = tl.exp2(s - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, axis=1)
         if DROPOUT:
-            keep = _keep_bits(seed, bh, offs_m, offs_n, Lq, Lk, p_drop)
+            keep = _keep_bits(seed, bh, offs_m, offs_n, Lk, p_drop)
             p = tl.where(keep, p, 0.0)
         v = tl.load(v_base + offs_n[:, None] * svn + offs_d[None, :], mask=kv_ok, other=0.0)
         acc = acc * alpha[:, None]
@@ -179,7 +192,7 @@ def _attn_bwd_delta_kernel(o_ptr, do_ptr, delta_ptr, sob, soh, som, sdb, sdh, sd
     tl.store(delta_ptr + bh.to(tl.int64) * Lq + offs_m, tl.sum(o * do, axis=1), mask=m_ok)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["seed"])
 def _attn_bwd_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, mask_ptr, fill_ptr,
                      dq_ptr, dk_ptr, dv_ptr,
                      sqb, sqh, sqm, skb, skh, skn, svb, svh, svn, sdob, sdoh, sdom,
@@ -247,7 +260,7 @@ def _attn_bwd_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, mask_ptr, 
             p = tl.exp2(tl.where(n_ok[None, :], s, float("-inf")) - lse[:, None])
             dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
             if DROPOUT:
-                keep = _keep_bits(seed, bh, offs_m, offs_n, Lq, Lk, p_drop)
+                keep = _keep_bits(seed, bh, offs_m, offs_n, Lk, p_drop)
                 z = tl.where(keep, p * keep_scale, 0.0)
                 dp = tl.where(keep, dp * keep_scale, 0.0)
             else:
@@ -280,27 +293,36 @@ def _p2(n: int, lo: int, hi: int) -> int:
 
 
 def _precision(dtype: torch.dtype) -> str:
-    # fp32: 3xTF32 (split operands, three tensor-core products) is within ~1e-6 of IEEE fp32
-    # products; "ieee" would fall back to FMA dots that spill at these tiles. Plain TF32 only
-    # when torch's own matmuls are allowed it. 16-bit inputs ignore the setting.
+    # fp32: IEEE products (FMA dots, exact fp32 as the reference). 3xTF32 keeps ~fp32
+    # accuracy on tensor cores but needs three operand splits in registers, which spills at
+    # any tile that still covers 64 queries; attention is not the fp32 hot path (training is
+    # bf16). Plain TF32 only when torch's own matmuls are allowed it.
     if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
-        return "tf32x3"
+        return "ieee"
     return "tf32"
 
 
-def fwd_config(BH: int, Lq: int, Lk: int, D: int, dtype: torch.dtype, sms: int) -> dict:
+def fwd_config(BH: int, Lq: int, Lk: int, D: int, dtype: torch.dtype, sms: int, dropout: bool) -> dict:
     """Forward tiles and key splits.
 
-    BLOCK_M = pow2(Lq) in [16, 64]: 64 video / self-attention queries are one block, the 8
-    audio queries one block of 16 (tl.dot's minimum). BLOCK_N = pow2(Lk) in [16, 128]
-    (2048 keys: 128; 64 keys: 64; 3 clips: 16). 4 warps; 3 stages, 2 in fp32 whose tiles
-    are twice the bytes. Splits: when query blocks x B*H programs are fewer than the SMs,
-    the keys are cut into up to ceil(2 * SMs / programs) splits of >= 2 key blocks each
-    (B=8 video on an H100: 3 splits; B=1: 16).
+    BLOCK_M = pow2(Lq) in [16, 64]: the 64 video / self-attention queries are one block, the
+    8 audio queries one block of 16 (tl.dot's minimum). BLOCK_N = pow2(Lk) capped at
+      16-bit: 128 without dropout, 64 with (the Philox state of a 64x128 tile spills on sm_80),
+              4 warps, 3 stages;
+      fp32:   32, 2 stages, 8 warps for IEEE FMA dots (they hold whole operand rows in
+              registers), 4 for TF32 tensor-core dots.
+    Splits: when query blocks x B*H programs are fewer than the SMs, the keys are cut into up
+    to ceil(2 * SMs / programs) splits of >= 2 key blocks each (B=8 video on an H100: 2-3
+    splits; B=1: 8).
+    All choices are free of register spills at the release shapes (tests/test_kernels_aot.py).
     """
-    cfg = dict(BLOCK_M=_p2(Lq, 16, 64), BLOCK_N=_p2(Lk, 16, 128), BLOCK_D=_p2(D, 16, 128),
-               num_warps=4, num_stages=2 if dtype == torch.float32 else 3)
-    programs = triton.cdiv(Lq, cfg["BLOCK_M"]) * BH
+    if dtype == torch.float32:
+        cap_n, warps, stages = 32, (8 if _precision(dtype) == "ieee" else 4), 2
+    else:
+        cap_n, warps, stages = (64 if dropout else 128), 4, 3
+    cfg = dict(BLOCK_M=_p2(Lq, 16, 64), BLOCK_N=_p2(Lk, 16, cap_n), BLOCK_D=_p2(D, 16, 128),
+               num_warps=warps, num_stages=stages)
+    programs = max(1, triton.cdiv(Lq, cfg["BLOCK_M"]) * BH)
     n_blocks = triton.cdiv(Lk, cfg["BLOCK_N"])
     splits = 1
     if programs < sms:
@@ -312,13 +334,20 @@ def fwd_config(BH: int, Lq: int, Lk: int, D: int, dtype: torch.dtype, sms: int) 
 def bwd_config(BH: int, Lq: int, Lk: int, D: int, dtype: torch.dtype, sms: int) -> dict:
     """Backward tiles and key chunks.
 
-    BLOCK_M = pow2(Lq) in [16, 64], BLOCK_N = pow2(Lk) in [16, 64] (64: five 64x64 fp32
-    tiles live at once in 4 warps). Each program walks `blocks_per_chunk` key blocks, sized
-    so about 2 programs per SM exist (B=8, 2048 keys: 11 blocks, 3 chunks per head): fewer
-    chunks mean fewer dQ partials to write and sum, more would not add occupancy.
+    BLOCK_M = pow2(Lq) in [16, 64] so the release's 64 / 8 queries are one block (q, dO, dQ
+    then stay in registers for the whole program). BLOCK_N = pow2(Lk) capped at 32 for 16-bit
+    (4 warps, 3 stages) and 16 for fp32 (2 stages, 8 warps IEEE / 4 TF32): with q, dO, dQ, dK, dV and the
+    P/dP tiles live at once, larger key blocks spill on sm_80. Each program walks
+    `blocks_per_chunk` key blocks, sized so about 2 programs per SM exist (B=8, 2048 keys,
+    bf16: 21 blocks, 4 chunks per head): fewer chunks mean fewer dQ partials to write and sum,
+    more would not add occupancy.
     """
-    cfg = dict(BLOCK_M=_p2(Lq, 16, 64), BLOCK_N=_p2(Lk, 16, 64), BLOCK_D=_p2(D, 16, 128),
-               num_warps=4, num_stages=2 if dtype == torch.float32 else 3)
+    if dtype == torch.float32:
+        cap_n, warps, stages = 16, (8 if _precision(dtype) == "ieee" else 4), 2
+    else:
+        cap_n, warps, stages = 32, 4, 3
+    cfg = dict(BLOCK_M=_p2(Lq, 16, 64), BLOCK_N=_p2(Lk, 16, cap_n), BLOCK_D=_p2(D, 16, 128),
+               num_warps=warps, num_stages=stages)
     n_blocks = triton.cdiv(Lk, cfg["BLOCK_N"])
     cfg["blocks_per_chunk"] = max(1, (n_blocks * BH) // (2 * sms))
     return cfg
@@ -343,12 +372,14 @@ def _mask_args(key_mask, B, Lk, device):
 def _attn_forward(q, k, v, mask8, fill, scale, p_drop, seed, cfg=None):
     B, H, Lq, D = q.shape
     Lk = k.shape[2]
-    cfg = dict(cfg or fwd_config(B * H, Lq, Lk, D, q.dtype, device_sms(q.device)))
+    cfg = dict(cfg or fwd_config(B * H, Lq, Lk, D, q.dtype, device_sms(q.device), p_drop > 0.0))
     nw, ns = cfg.pop("num_warps"), cfg.pop("num_stages")
     kps = cfg.pop("keys_per_split")
     splits = triton.cdiv(Lk, kps)
     out = torch.empty((B, Lq, H, D), dtype=q.dtype, device=q.device).transpose(1, 2)
     lse = torch.empty((B * H, Lq), dtype=torch.float32, device=q.device)
+    if out.numel() == 0:
+        return out, lse
     if splits == 1:
         o_t, l_t = out, lse
     else:
@@ -380,6 +411,8 @@ def _attn_backward(do, q, k, v, out, lse, mask8, fill, scale, p_drop, seed, cfg=
     bpc = cfg.pop("blocks_per_chunk")
     chunks = triton.cdiv(triton.cdiv(Lk, cfg["BLOCK_N"]), bpc)
     single_q = Lq <= cfg["BLOCK_M"]
+    if q.numel() == 0:
+        return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
     delta = torch.empty((B * H, Lq), dtype=torch.float32, device=q.device)
     launch(_attn_bwd_delta_kernel, (triton.cdiv(Lq, cfg["BLOCK_M"]), B * H),
            (out, do, delta, *_strides4(out), *_strides4(do), H, Lq, D),
@@ -444,8 +477,9 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask: torch
         raise ValueError(f"attention: dtypes differ ({q.dtype}, {k.dtype}, {v.dtype})")
     B, H, Lq, D = q.shape
     Lk = k.shape[2]
-    if D > 128 or Lk == 0:
-        raise ValueError(f"attention: head dim {D} > 128 or no keys")
+    if D > 128 or Lk == 0 or Lq * Lk >= 2**31:
+        raise ValueError(f"attention: head dim {D} > 128, no keys, or Lq*Lk = {Lq * Lk} >= 2^31 "
+                         "(the per-head dropout counter is 32-bit)")
     p = float(dropout_p) if training else 0.0
     if not 0.0 <= p < 1.0:
         raise ValueError(f"attention: dropout_p must be in [0, 1), got {dropout_p}")
@@ -454,7 +488,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask: torch
     scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
     mask8, fill = _mask_args(key_mask, B, Lk, q.device)
     return CrossAttention.apply(_unit_last(q), _unit_last(k), _unit_last(v), mask8, fill, scale, p,
-                                int(seed or 0))
+                                philox_key(seed or 0))
 
 
 def attention_dropout_mask(seed: int, B: int, H: int, Lq: int, Lk: int, p: float,
@@ -462,7 +496,7 @@ def attention_dropout_mask(seed: int, B: int, H: int, Lq: int, Lk: int, p: float
     """The keep mask (B, H, Lq, Lk), bool, that `attention(..., dropout_p=p, seed=seed,
     training=True)` applies: reference = softmax(...) * mask / (1 - p) @ v."""
     keep = torch.empty((B, H, Lq, Lk), dtype=torch.int8, device=device)
-    bm, bn = _p2(Lq, 16, 64), _p2(Lk, 16, 128)
+    bm, bn = _p2(Lq, 16, 32), _p2(Lk, 16, 64)
     launch(_dropout_mask_kernel, (triton.cdiv(Lq, bm), triton.cdiv(Lk, bn), B * H),
-           (keep, int(seed), H, Lq, Lk, float(p)), dict(BLOCK_M=bm, BLOCK_N=bn), 4, 1)
+           (keep, philox_key(seed), H, Lq, Lk, float(p)), dict(BLOCK_M=bm, BLOCK_N=bn), 4, 1)
     return keep.view(torch.bool)

@@ -13,7 +13,7 @@ Design choices
 --------------
 linear_gelu saves ``pre = x @ w^T + b`` in the input dtype (written by the forward GEMM's
 epilogue next to ``y``) instead of recomputing it in backward. Recomputing costs a whole
-extra GEMM (a third more backward FLOPs); the stored copy costs M*N elements, which is what
+extra GEMM (half again the two backward GEMMs); the stored copy costs M*N elements, what
 PyTorch's own autograd keeps for ``F.gelu(F.linear(...))`` too, so memory matches the
 reference while the backward does no redundant work.
 
@@ -35,8 +35,12 @@ taken (and that rounded tensor is what backward reads), which mirrors the refere
 the LayerNorm input is a tensor of that dtype.
 
 Bias gradients and LayerNorm weight gradients are reduced deterministically: every
-program writes a partial column sum to its own row of a small fp32 buffer that is summed
-afterwards (no atomics), so two runs with the same inputs give bit-identical gradients.
+program writes a partial column sum to its own row of a small fp32 buffer, which
+``partials.sum_partials`` adds up in a fixed order (no atomics), so two runs with the same
+inputs give bit-identical gradients.
+
+Every launch goes through ``aot.launch``, so the AOT test records exactly what these
+launchers would run at release shapes.
 
 Block sizes (``gemm_config``), chosen per GEMM from its output shape (M, N) and dtype;
 "tiles" is the CTA count the candidate tile gives, 96 is about one wave on A100 (108 SMs)
@@ -50,7 +54,8 @@ and no GELU epilogue                                               erf on this t
 16-bit, tiles(128x128)>=96 128 x 128 x 64           8      4       llama_proj, Q-Former 3072
 16-bit, otherwise          64 x 64 x 64             4      4       small outputs: fill the SMs
 fp32, tf32 allowed         128 x 128 x 32           8      3       tensor cores in tf32
-fp32, exact (ieee)         64 x 64 x 32             4      3       FMA path, correctness only
+fp32, exact (ieee)         64 x 64 x 32             8      3       FMA path, correctness only;
+                                                                   4 warps spill on sm_80
 =========================  ======================  =====  ======  ==========================
 
 Row kernels use BLOCK_N = next_power_of_2(N) and ROWS = max(1, 4096 // BLOCK_N) rows per
@@ -293,7 +298,7 @@ def gemm_config(M: int, N: int, K: int, dtype: torch.dtype, tf32: bool = False, 
     if dtype == torch.float32:
         if tf32:
             return dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=32, GROUP_M=8, num_warps=8, num_stages=3)
-        return dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, GROUP_M=8, num_warps=4, num_stages=3)
+        return dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, GROUP_M=8, num_warps=8, num_stages=3)
     if not gelu and _tiles(M, N, 128, 256) >= _WAVE:
         return dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3)
     if _tiles(M, N, 128, 128) >= _WAVE:

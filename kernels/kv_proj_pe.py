@@ -16,8 +16,9 @@ accumulators share each loaded x tile, so x is read once instead of twice).
 
 Numerics match `nn.Linear(x + pe)` in the input dtype: the sum is rounded to x.dtype before the
 product (as torch rounds x + pe), products accumulate in fp32, the bias is added in fp32 and the
-result rounded once. fp32 inputs use IEEE fp32 products unless
-torch.backends.cuda.matmul.allow_tf32 is set, as torch's own matmul does.
+result rounded once. fp32 inputs use 3xTF32 products (tensor cores, ~1e-6 relative to IEEE
+fp32, far inside the fp32 tolerance) unless torch.backends.cuda.matmul.allow_tf32 is set, in
+which case plain TF32, as torch's own matmul does.
 
 Backward (all Triton, deterministic: no atomics):
   dxpe = dk @ wk + dv @ wv        one kernel, one accumulator over both sources
@@ -211,27 +212,28 @@ def gemm_config(n_rows: int, n_out: int, n_red: int, dtype: torch.dtype) -> dict
 
     | rows        | BLOCK_M | BLOCK_N | BLOCK_K (16-bit / fp32) | warps | stages |
     |-------------|---------|---------|-------------------------|-------|--------|
-    | >= 128      | 128     | 64      | 64 / 32                 | 8     | 3      |
-    | < 128       | pow2>=16| 64      | 64 / 32                 | 4     | 3      |
+    | >= 128      | 128     | 64      | 64 / 16                 | 8     | 3      |
+    | < 128       | pow2>=16| 64      | 64 / 16                 | 4     | 3      |
     BLOCK_N / BLOCK_K shrink to the next power of two of small widths (min 16, tl.dot's
     minimum). 128x64 with two accumulators keeps the per-thread accumulator at 64 fp32 with
-    8 warps; BLOCK_K halves in fp32 so the 3-stage ring fits sm_80's 163 KiB.
+    8 warps; fp32 runs 3xTF32 products, whose split operands need the shorter BLOCK_K to
+    stay clear of register spills on sm_80 (tests/test_kernels_aot.py checks both).
     """
     big = n_rows >= 128
-    wide = 32 if dtype == torch.float32 else 64
+    wide = 16 if dtype == torch.float32 else 64
     return dict(BLOCK_M=128 if big else _p2(n_rows, 16, 128), BLOCK_N=_p2(n_out, 16, 64),
                 BLOCK_K=_p2(n_red, 16, wide), num_warps=8 if big else 4, num_stages=3)
 
 
 def dw_config(n_rows: int, dout: int, din: int, dtype: torch.dtype, sms: int) -> dict:
     """Weight-gradient tiles: (BLOCK_N of Dout) x (BLOCK_D of Din) per program, both K and V,
-    reduced over BLOCK_M rows per step (64, 32 in fp32). At release sizes (768x768 or
-    768x1024) that is 144-192 programs, under two waves of an H100, so the rows are split
-    until about 2 programs per SM exist, each split keeping >= 4 row blocks of work; the
-    splits write fp32 partials summed in a fixed order afterwards."""
-    bm = 32 if dtype == torch.float32 else 64
-    cfg = dict(BLOCK_M=_p2(n_rows, 16, bm), BLOCK_N=_p2(dout, 16, 64), BLOCK_D=_p2(din, 16, 64),
-               num_warps=4, num_stages=3)
+    reduced over BLOCK_M rows per step (64 16-bit / 16 fp32, 4 / 8 warps). At release sizes
+    (768x768 or 768x1024) that is 144-192 programs, under two waves of an H100, so the rows
+    are split until about 2 programs per SM exist, each split keeping >= 4 row blocks of
+    work; the splits write fp32 partials summed in a fixed order afterwards."""
+    fp32 = dtype == torch.float32
+    cfg = dict(BLOCK_M=_p2(n_rows, 16, 16 if fp32 else 64), BLOCK_N=_p2(dout, 16, 64),
+               BLOCK_D=_p2(din, 16, 64), num_warps=8 if fp32 else 4, num_stages=3)
     tiles = triton.cdiv(dout, cfg["BLOCK_N"]) * triton.cdiv(din, cfg["BLOCK_D"])
     row_blocks = triton.cdiv(n_rows, cfg["BLOCK_M"])
     split = max(1, min(triton.cdiv(2 * sms, tiles), row_blocks // 4))
@@ -245,6 +247,8 @@ def _kv_forward(x2, pe, rows_per_pos, num_pos, wk, bk, wv, bv, cfg=None):
     dout = wk.shape[0]
     k = torch.empty((n, dout), dtype=x2.dtype, device=x2.device)
     v = torch.empty_like(k)
+    if n == 0:
+        return k, v
     cfg = dict(cfg or gemm_config(n, dout, din, x2.dtype))
     nw, ns = cfg.pop("num_warps"), cfg.pop("num_stages")
     has_bias = bk is not None
@@ -261,6 +265,8 @@ def _kv_backward_dx(dk, dv, wk, wv, cfg=None):
     n, dout = dk.shape
     din = wk.shape[1]
     dx = torch.empty((n, din), dtype=dk.dtype, device=dk.device)
+    if n == 0:
+        return dx
     cfg = dict(cfg or gemm_config(n, din, dout, dk.dtype))
     nw, ns = cfg.pop("num_warps"), cfg.pop("num_stages")
     grid = (triton.cdiv(n, cfg["BLOCK_M"]) * triton.cdiv(din, cfg["BLOCK_N"]),)
@@ -274,6 +280,8 @@ def _kv_backward_dx(dk, dv, wk, wv, cfg=None):
 def _pe_backward(dxpe, pe, rows_per_pos, num_pos):
     n, din = dxpe.shape
     dpe = torch.zeros_like(pe)
+    if n == 0:
+        return dpe
     block_d = _p2(din, 16, 128)
     block_e = _p2(triton.cdiv(n, num_pos), 16, 64)
     launch(_pe_grad_kernel, (num_pos, triton.cdiv(din, block_d)),
@@ -285,6 +293,9 @@ def _pe_backward(dxpe, pe, rows_per_pos, num_pos):
 def _kv_backward_dw(x2, pe, rows_per_pos, num_pos, dk, dv, wk, wv, has_bias, cfg=None):
     n, din = x2.shape
     dout = dk.shape[1]
+    if n == 0:
+        zb = torch.zeros(dout, dtype=wk.dtype, device=wk.device) if has_bias else None
+        return torch.zeros_like(wk), zb, torch.zeros_like(wv), (zb.clone() if has_bias else None)
     cfg = dict(cfg or dw_config(n, dout, din, x2.dtype, device_sms(x2.device)))
     nw, ns = cfg.pop("num_warps"), cfg.pop("num_stages")
     rows_per_split = cfg.pop("rows_per_split")

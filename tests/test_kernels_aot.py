@@ -62,6 +62,14 @@ def _release_launches() -> list[aot.Launch]:
                         _cross_attention_layer(BATCH, heads=heads, dtype=dtype, train=train, **branch)
                 _cross_attention_layer(BATCH, heads=heads, dtype=dtype, train=True, masked=True, **video)
                 _cross_attention_layer(1, heads=heads, dtype=dtype, train=False, **video)  # B=1 inference
+            # fp32 with torch's TF32 switch on: the kernels follow it (PRECISION="tf32")
+            prev = torch.backends.cuda.matmul.allow_tf32
+            torch.backends.cuda.matmul.allow_tf32 = True
+            try:
+                for branch in (video, audio):
+                    _cross_attention_layer(BATCH, heads=heads, dtype=torch.float32, train=True, **branch)
+            finally:
+                torch.backends.cuda.matmul.allow_tf32 = prev
             attention_dropout_mask(1, BATCH, heads, cfg.video_token_len, 2048, 0.1, device="meta")
         launches += rec
     unique = {}
