@@ -106,7 +106,7 @@ def save_checkpoint(engine, output: str, step: int, trainer_state: dict, keep_la
     return final
 
 
-def load_checkpoint(engine, path: str, rank: int, device: torch.device) -> dict:
+def load_checkpoint(engine, path: str) -> dict:
     """Restores weights, optimizer and scheduler into the engine; returns the trainer state.
     RNG states are restored by the caller right before the first step (see restore_rng)."""
     with open(os.path.join(path, STATE_FILE), encoding="utf-8") as f:
@@ -122,6 +122,7 @@ def restore_rng(path: str, rank: int, device: torch.device) -> None:
     rng_file = os.path.join(path, "rng", f"rank{rank}.pt")
     if not os.path.isfile(rng_file):
         raise ValueError(f"{path}: no RNG state for rank {rank} (saved with another world size?)")
+    # Our own file: python's and numpy's RNG states are tuples/arrays that weights_only refuses.
     set_rng_state(torch.load(rng_file, weights_only=False), device)
 
 

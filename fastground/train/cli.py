@@ -54,16 +54,31 @@ def build_parser() -> argparse.ArgumentParser:
             kwargs["action"] = argparse.BooleanOptionalAction
         else:
             kwargs["type"] = int if ftype.startswith("int") else float if ftype.startswith("float") else str
-            kwargs["metavar"] = f.name.upper() if "choices" not in meta else None
+            kwargs["metavar"] = None if "choices" in meta else _metavar(f.name, kwargs["type"])
         kwargs.update(meta)
         if kwargs.get("metavar") is None:
             kwargs.pop("metavar", None)
         p.add_argument(flag, dest=f.name, **kwargs)
     # The deepspeed launcher appends --local_rank=N unless told --no_local_rank; ranks are
     # read from the environment it also sets.
-    p.add_argument("--local_rank", "--local-rank", dest="local_rank", type=int,
+    p.add_argument("--local_rank", "--local-rank", dest="local_rank", type=int, metavar="N",
                    help="set by the deepspeed launcher; ignored (ranks come from the environment)")
     return p
+
+
+_DIRS = ("model", "tokenizer", "vision_tower", "image_folder", "video_folder", "sound_folder", "demo_data",
+         "output", "resume")
+_FILES = ("eva", "qformer", "imagebind", "deepspeed_config")
+
+
+def _metavar(name: str, kind: type) -> str:
+    if name in _DIRS:
+        return "DIR"
+    if name in _FILES:
+        return "FILE"
+    if name in ("data", "prev_data"):
+        return "JSON[,JSON...]"
+    return {int: "N", float: "X"}.get(kind, "NAME")
 
 
 def _default_note(default: Any) -> str:
@@ -91,8 +106,7 @@ def parse_config(argv: Sequence[str] | None = None, world_size: int | None = Non
     config_file = ns.pop("config", None)
     try:
         if config_file is not None:
-            file_values = load_config_file(config_file)
-            check_types(file_values, f"--config {config_file}")
+            file_values = check_types(load_config_file(config_file), f"--config {config_file}")
             values.update(file_values)
         values.update(ns)
         cfg = TrainConfig(**values)
@@ -168,7 +182,7 @@ def validate(cfg: TrainConfig, world_size: int) -> TrainConfig:
     if cfg.num_workers is not None and cfg.num_workers < 0:
         raise ConfigError(f"--num-workers must be >= 0, got {cfg.num_workers}")
     from fastground.config import PRESETS
-    if cfg.preset not in PRESETS:
+    if cfg.preset is not None and cfg.preset not in PRESETS:
         raise ConfigError(f"--preset {cfg.preset!r} is unknown; choose one of {', '.join(sorted(PRESETS))}")
     if cfg.resume is not None and cfg.resume != "latest" and not os.path.isdir(cfg.resume):
         raise ConfigError(f"--resume: checkpoint directory not found: {cfg.resume}")

@@ -31,14 +31,14 @@ for _d in RELEASE_DEFAULTS.values():
     _d["global_batch"] = _d["micro_batch"] * _d["grad_accum"] * RELEASE_GPUS
 
 # The demo: the tiny preset (hidden 64, 2 layers) on the embedded demo data, a few CPU
-# minutes per stage. Stage 3's structure (accumulation 2) at a small batch; the learning
-# rates are the release's scaled up for a model 64x narrower, which learns at 2e-5 far too
-# slowly to see in 100 steps (1e-3 for adapters only, 5e-4 once the LLM trains too), and
-# 120 steps so the loss has time to fall visibly.
+# minutes per stage. Stage 3's structure (accumulation 2) at a small batch; learning rates
+# are the release's scaled up for a model 64x narrower, which at 2e-5 learns far too slowly
+# to see in a few hundred steps (2e-3 for adapters only, 1e-3 once the LLM trains too); 300
+# steps, the same cosine schedule with 3% warm-up.
 TINY_DEFAULTS: dict[int, dict[str, Any]] = {
-    1: dict(micro_batch=4, grad_accum=1, global_batch=4, lr=2e-3, max_steps=120),
-    2: dict(micro_batch=4, grad_accum=2, global_batch=8, lr=1e-3, max_steps=120),
-    3: dict(micro_batch=4, grad_accum=2, global_batch=8, lr=1e-3, max_steps=120),
+    1: dict(micro_batch=4, grad_accum=1, global_batch=4, lr=2e-3, max_steps=300),
+    2: dict(micro_batch=4, grad_accum=2, global_batch=8, lr=1e-3, max_steps=300),
+    3: dict(micro_batch=4, grad_accum=2, global_batch=8, lr=1e-3, max_steps=300),
 }
 # Replay rate of the previous stage's data when --prev-data is given without --alpha. The
 # paper names the mechanism (3.2.3) but not the value.
@@ -56,8 +56,10 @@ class TrainConfig:
     stage: int = _opt(3, "training stage: 1 multi-modal pre-training (adapters only), 2 fine-grained "
                          "alignment, 3 multi-granularity instruction tuning (LLM + adapters)",
                       choices=(1, 2, 3))
-    preset: str = _opt("tiny", "model preset built when neither --model nor a previous stage's "
-                               "output exists (tiny: the CPU demo model; groundinggpt-7b: untrained 7B)")
+    preset: str | None = _opt(None, "model preset built when neither --model nor a previous stage's "
+                                    "output exists (default tiny, the CPU demo model; groundinggpt-7b: an "
+                                    "untrained 7B); with a Vicuna --model, the encoder and adapter sizes "
+                                    "(default: the 7B's or 13B's, from the LLM's width)")
     model: str | None = _opt(None, "starting weights: a release-layout checkpoint (config.json with "
                                    "model_type LEGO), or a Vicuna (Llama) directory, which then needs "
                                    "--vision-tower --eva --qformer --imagebind. Default: "
@@ -135,7 +137,8 @@ class TrainConfig:
                                     "newest one in --output", nargs="?", const="latest")
     log_every: int = _opt(1, "write metrics every N steps")
     tensorboard: bool = _opt(True, "also write metrics to TensorBoard (<output>/tensorboard)")
-    progress: bool = _opt(True, "show a progress bar")
+    progress: bool | None = _opt(None, "show a progress bar (default: when stderr is a terminal; "
+                                       "otherwise a log line every 30 s)")
     peak_tflops: float | None = _opt(None, "peak dense TFLOP/s of one accelerator for the MFU figure "
                                            "(default: looked up from the GPU name)")
 
@@ -164,7 +167,7 @@ class TrainConfig:
         checkpoint or Vicuna directory is a full-size model."""
         start = self.starting_point()
         if start is None:
-            return self.preset
+            return self.preset or "tiny"
         try:
             with open(os.path.join(start, "config.json")) as f:
                 d = json.load(f)
@@ -255,21 +258,32 @@ def load_config_file(path: str) -> dict[str, Any]:
     return out
 
 
-def check_types(values: dict[str, Any], source: str) -> None:
-    """Config files bypass argparse's conversions; catch a string where a number belongs."""
+def check_types(values: dict[str, Any], source: str) -> dict[str, Any]:
+    """Config files bypass argparse's conversions: convert what is unambiguous (YAML reads
+    `3e-4` as a string) and reject the rest with the option's name."""
     known = {f.name: f for f in fields(TrainConfig)}
+    out = dict(values)
     for name, value in values.items():
         if value is None:
             continue
         ftype = str(known[name].type)
+        if ftype.startswith(("int", "float")) and isinstance(value, str):
+            try:
+                value = int(value) if ftype.startswith("int") else float(value)
+            except ValueError:
+                pass
+        if ftype.startswith("float") and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
         if ftype.startswith("bool") and not isinstance(value, bool):
             raise ValueError(f"{source}: {name} must be true or false, got {value!r}")
         if ftype.startswith("int") and (isinstance(value, bool) or not isinstance(value, int)):
             raise ValueError(f"{source}: {name} must be an integer, got {value!r}")
-        if ftype.startswith("float") and (isinstance(value, bool) or not isinstance(value, (int, float))):
+        if ftype.startswith("float") and (isinstance(value, bool) or not isinstance(value, float)):
             raise ValueError(f"{source}: {name} must be a number, got {value!r}")
         if ftype.startswith("str") and not isinstance(value, str):
             raise ValueError(f"{source}: {name} must be a string, got {value!r}")
         choices = known[name].metadata.get("choices")
         if choices and value not in choices:
             raise ValueError(f"{source}: {name} must be one of {', '.join(map(str, choices))}, got {value!r}")
+        out[name] = value
+    return out

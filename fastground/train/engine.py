@@ -24,6 +24,7 @@ import logging
 import math
 import os
 import random
+import shutil
 import socket
 import sys
 import time
@@ -44,8 +45,7 @@ class DistInfo:
     world_size: int
     local_rank: int
     device: torch.device
-    own_group: bool  # we created the process group (and clean it up)
-    env_set: tuple = ()  # environment variables we set for a launcher-less run
+    own_group: bool  # no launcher: this process made its own 1-rank group
 
 
 def _free_port() -> int:
@@ -59,14 +59,11 @@ def setup_distributed() -> DistInfo:
     if not cuda:
         # DeepSpeed would otherwise probe for accelerators it cannot use.
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    env_set = []
     if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
         single = {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
                   "MASTER_PORT": str(_free_port())}
         for k, v in single.items():
-            if k not in os.environ:
-                os.environ[k] = v
-                env_set.append(k)
+            os.environ.setdefault(k, v)
     import deepspeed
     from deepspeed.accelerator import get_accelerator
 
@@ -76,26 +73,20 @@ def setup_distributed() -> DistInfo:
     if get_accelerator().device_name() == "cpu":
         # DeepSpeed's CPU backend JIT-compiles a shared-memory all-reduce at init (~35 s of
         # C++ compile on a fresh machine); it only serves inference all-reduce, and gloo
-        # does the training collectives, so mark it unavailable.
+        # does the training collectives, so mark it unavailable. The table is read only for
+        # that op (comm/torch.py); seeding it also skips probing every op builder with the
+        # compiler, which prints linker errors for ops nobody asked for.
         import deepspeed.ops
-        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+        table = vars(deepspeed.ops).get("__compatible_ops__")
+        if table is None:
+            deepspeed.ops.__compatible_ops__ = {"deepspeed_shm_comm": False}
+        else:
+            table["deepspeed_shm_comm"] = False
     own = not torch.distributed.is_initialized()
     deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo", verbose=False)
     rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
     device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
-    return DistInfo(rank, world, local_rank, device, own, tuple(env_set))
-
-
-def teardown_distributed(info: DistInfo) -> None:
-    if info.own_group and torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
-        try:  # DeepSpeed keeps its own handle on the group; let a later run make a new one
-            import deepspeed.comm.comm as ds_comm
-            ds_comm.cdb = None
-        except ImportError:
-            pass
-    for k in info.env_set:
-        os.environ.pop(k, None)
+    return DistInfo(rank, world, local_rank, device, own)
 
 
 def _barrier() -> None:
@@ -244,8 +235,17 @@ def _has_tokenizer(path: str | None) -> bool:
 def load_tokenizer(path: str):
     from transformers import AutoTokenizer
 
+    from transformers.utils import logging as hf_logging
+
     from fastground.config import MEDIA_TOKENS
-    tok = AutoTokenizer.from_pretrained(path)
+    # AutoTokenizer reads the checkpoint's config.json and warns that model_type "LEGO" is
+    # unknown to transformers; the tokenizer itself is an ordinary Llama one.
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        tok = AutoTokenizer.from_pretrained(path)
+    finally:
+        hf_logging.set_verbosity(verbosity)
     missing = [t for t in MEDIA_TOKENS if tok.convert_tokens_to_ids(t) in (None, tok.unk_token_id)]
     if missing:
         # A plain Vicuna tokenizer: append the media tokens as the release does.
@@ -262,13 +262,14 @@ def build_model(cfg: TrainConfig, tokenizer, bf16: bool):
     start = cfg.starting_point()
     dtype = torch.bfloat16 if bf16 else None
     if start is None:
-        mcfg = GroundingGPTConfig.from_preset(cfg.preset)
+        preset = cfg.preset or "tiny"
+        mcfg = GroundingGPTConfig.from_preset(preset)
         mcfg.set_token_ids(tokenizer)
         torch.manual_seed(cfg.seed)
         model = GroundingGPT(mcfg)
         if dtype is not None:
             model.to(dtype)
-        return model, f"initial weights of the {cfg.preset!r} preset (seed {cfg.seed})"
+        return model, f"initial weights of the {preset!r} preset (seed {cfg.seed})"
     with open(os.path.join(start, "config.json")) as f:
         model_type = json.load(f).get("model_type")
     if model_type == "llama":
@@ -353,11 +354,9 @@ def _precision(cfg: TrainConfig, device: torch.device) -> bool:
 
 
 def train(cfg: TrainConfig) -> TrainResult:
-    info = setup_distributed()
-    try:
-        return _train(cfg, info)
-    finally:
-        teardown_distributed(info)
+    # A process group made here lives as long as the process: DeepSpeed caches its groups
+    # in module globals, so a second run in the same process (tests, notebooks) reuses it.
+    return _train(cfg, setup_distributed())
 
 
 def _train(cfg: TrainConfig, info: DistInfo) -> TrainResult:
@@ -373,9 +372,14 @@ def _train(cfg: TrainConfig, info: DistInfo) -> TrainResult:
     output = cfg.output_dir()
     if rank == 0:
         os.makedirs(output, exist_ok=True)
-    if cfg.resume is None and rank == 0 and ckpt.list_checkpoints(output):
-        log.warning("%s holds checkpoints of an earlier run; they are replaced as this run saves "
-                    "(use --resume to continue that run instead)", output)
+    if cfg.resume is None and rank == 0:
+        stale = ckpt.list_checkpoints(output)
+        if stale:
+            # A later --resume must not pick up the earlier run's (higher-numbered) checkpoints.
+            log.warning("%s: removing %d checkpoint(s) of an earlier run (pass --resume to continue it "
+                        "instead)", output, len(stale))
+            for _, path in stale:
+                shutil.rmtree(path, ignore_errors=True)
 
     bf16 = _precision(cfg, device)
     if device.type == "cuda":
@@ -385,24 +389,24 @@ def _train(cfg: TrainConfig, info: DistInfo) -> TrainResult:
     # ---- data files (the demo set is generated once, by one process per machine)
     folders = {"image": cfg.image_folder, "video": cfg.video_folder, "sound": cfg.sound_folder}
     data, prev_data, tok_dir = cfg.data, cfg.prev_data, cfg.tokenizer
-    if data is None:
+    start = cfg.starting_point()
+    if tok_dir is None and _has_tokenizer(start):
+        tok_dir = start
+    if data is None or tok_dir is None:
+        # The demo set also provides the tiny preset's tokenizer (<= 512 ids).
         from fastground.data.demo import ensure_demo_data
+        if start is not None and tok_dir is None:
+            raise ValueError(f"{start} has no tokenizer; give --tokenizer")
         if info.local_rank == 0:
             ensure_demo_data(cfg.demo_data)
         _barrier()
         demo = demo_paths(cfg.demo_data, cfg.stage)
-        data = demo["data"]
-        if prev_data is None and cfg.alpha > 0:
-            prev_data = demo["prev_data"]
-        folders = {m: folders[m] or demo[m] for m in folders}
-        if tok_dir is None and cfg.starting_point() is None:
-            tok_dir = demo["tokenizer"]
-    start = cfg.starting_point()
-    if tok_dir is None:
-        if _has_tokenizer(start):
-            tok_dir = start
-        else:
-            raise ValueError(f"no tokenizer: {start} has none; give --tokenizer")
+        tok_dir = tok_dir or demo["tokenizer"]
+        if data is None:
+            data = demo["data"]
+            if prev_data is None and cfg.alpha > 0:
+                prev_data = demo["prev_data"]
+            folders = {m: folders[m] or demo[m] for m in folders}
     tokenizer = load_tokenizer(tok_dir)
 
     # ---- model
@@ -416,7 +420,13 @@ def _train(cfg: TrainConfig, info: DistInfo) -> TrainResult:
         add_lora(model, cfg)
     trainable = trainable_set(model, cfg.stage, cfg.lora)
     if cfg.gradient_checkpointing:
-        model.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        # Non-reentrant: the reentrant variant drops the gradients of a layer whose input does
+        # not require grad (stage 1, where only media positions carry trainable features).
+        kwargs = {"use_reentrant": False}
+        if hasattr(model.model, "activation_checkpointing_enable"):  # transformers >= 5.x name
+            model.model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+        else:
+            model.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
     n_train = sum(p.numel() for p in trainable.values())
     n_all = sum(p.numel() for p in model.parameters())
     log.info("trainable: %s of %s parameters (%d tensors)%s", f"{n_train:,}", f"{n_all:,}", len(trainable),
@@ -462,8 +472,8 @@ def _train(cfg: TrainConfig, info: DistInfo) -> TrainResult:
         if resume_path is None:
             log.info("--resume: no checkpoint in %s, starting at step 0", output)
     if resume_path is not None:
-        state = ckpt.load_checkpoint(engine, resume_path, rank, device)
-        _check_resumable(state, cfg, world, resume_path)
+        state = ckpt.load_checkpoint(engine, resume_path)
+        _check_resumable(state, cfg, world, total, resume_path)
         step = int(state["step"])
         counters.update(state.get("counters", {}))
         td.sampler.load_state_dict(state["sampler"])  # rejects a changed data set / seed / world size
@@ -554,9 +564,10 @@ def _train(cfg: TrainConfig, info: DistInfo) -> TrainResult:
     return result
 
 
-def _check_resumable(state: dict, cfg: TrainConfig, world: int, path: str) -> None:
+def _check_resumable(state: dict, cfg: TrainConfig, world: int, total: int, path: str) -> None:
     same = {"world_size": world, "global_batch": cfg.global_batch, "micro_batch": cfg.micro_batch,
-            "grad_accum": cfg.grad_accum, "stage": cfg.stage, "seed": cfg.seed, "lora": cfg.lora}
+            "grad_accum": cfg.grad_accum, "stage": cfg.stage, "seed": cfg.seed, "lora": cfg.lora,
+            "total_steps": total}
     diff = {k: (state.get(k), v) for k, v in same.items() if state.get(k) != v}
     if diff:
         detail = ", ".join(f"{k}: saved {a!r}, now {b!r}" for k, (a, b) in diff.items())

@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import sys
 import time
 from collections import deque
 
@@ -56,7 +57,7 @@ def path_params(model: torch.nn.Module, trainable: dict) -> int:
 class Metrics:
     def __init__(self, output: str, total_steps: int, start_step: int, rank: int, world_size: int,
                  device: torch.device, n_path_params: int, peak: float | None, tensorboard: bool,
-                 progress: bool, log_every: int):
+                 progress: bool | None, log_every: int):
         self.active = rank == 0
         self.total = total_steps
         self.world_size = world_size
@@ -81,7 +82,7 @@ class Metrics:
                 self.writer = SummaryWriter(os.path.join(output, "tensorboard"), purge_step=start_step + 1)
             except ImportError:
                 log.info("tensorboard is not installed: metrics go to %s only", path)
-        if progress:
+        if progress or (progress is None and sys.stderr.isatty()):
             from tqdm.auto import tqdm
             self.bar = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True,
                             desc="train")
