@@ -242,9 +242,10 @@ def test_modules_match_reference(dtype):
 
 def test_module_fallback_warns_once(monkeypatch):
     from fastground.fast import adapters as fa
+    from fastground.fast import runtime
 
-    monkeypatch.setattr(fa, "triton_usable", lambda *t: False)
-    monkeypatch.setattr(fa, "_warned", False)
+    monkeypatch.setattr(runtime, "triton_usable", lambda *t: False)
+    monkeypatch.setattr(runtime, "_warned", False)
     torch.manual_seed(9)
     ref = _ref_mlp()
     fast = fa.FastMLPAdapter.from_module(ref)

@@ -41,6 +41,8 @@ not covered by this bound.
 """
 from __future__ import annotations
 
+import abc
+
 import logging
 import math
 import os
@@ -235,7 +237,7 @@ def normalize_frames(frames: torch.Tensor) -> torch.Tensor:
 # ------------------------------------------------------------------------- decoders
 
 
-class VideoDecoder:
+class VideoDecoder(abc.ABC):
     """Shared front: probe, choose frames and box, then the backend decodes and resizes."""
 
     name = "base"
@@ -250,8 +252,9 @@ class VideoDecoder:
         box = crop_box(info.width, info.height, size, train, seed, resize_mode)
         return self._decode(path, info, idx, box, int(size), normalize, sample_id)
 
+    @abc.abstractmethod
     def _decode(self, path, info, idx, box, size, normalize, sample_id) -> torch.Tensor:
-        raise NotImplementedError
+        """Decode frames `idx` of `path`, crop `box`, resize to `size` (the backend's part)."""
 
 
 class PyAVDecoder(VideoDecoder):

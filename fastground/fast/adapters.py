@@ -8,34 +8,17 @@ reference math and warn once.
 """
 from __future__ import annotations
 
-import warnings
-
 import torch
 from torch import nn
 
-from fastground.kernels.adapters import mlp_adapter, projection, triton_usable
+from fastground.fast.runtime import cast, compute_dtype, triton_or_warn
+from fastground.kernels.adapters import mlp_adapter, projection
 
-_warned = False
-
-
-def _can_run(*tensors) -> bool:
-    global _warned
-    if triton_usable(*tensors):
-        return True
-    if not _warned:
-        _warned = True
-        warnings.warn("fastground.fast: Triton cannot run here (no CUDA, TRITON_INTERPRET unset); "
-                      "adapters use the reference PyTorch math", RuntimeWarning, stacklevel=3)
-    return False
-
-
-def _autocast(*tensors):
-    # F.linear under autocast computes in the autocast dtype; the kernels need one dtype.
-    dev = tensors[0].device.type
-    if not torch.is_autocast_enabled(dev):
-        return tensors
-    dt = torch.get_autocast_dtype(dev)
-    return tuple(t.to(dt) if t is not None and t.is_floating_point() else t for t in tensors)
+def _autocast(x, *params):
+    # Outside autocast a dtype mismatch stays an error, as in nn.Linear.
+    if not torch.is_autocast_enabled(x.device.type):
+        return (x, *params)
+    return cast(compute_dtype(x), x, *params)
 
 
 class FastMLPAdapter(nn.Sequential):
@@ -60,7 +43,7 @@ class FastMLPAdapter(nn.Sequential):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         l1, act, l2 = self[0], self[1], self[2]
         exact = isinstance(act, nn.GELU) and act.approximate == "none"
-        if not exact or not _can_run(x, l1.weight, l2.weight):
+        if not exact or not triton_or_warn(x, l1.weight, l2.weight):
             return super().forward(x)
         return mlp_adapter(*_autocast(x, l1.weight, l1.bias, l2.weight, l2.bias))
 
@@ -76,6 +59,6 @@ class FastLinear(nn.Linear):
         return m
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not _can_run(x, self.weight):
+        if not triton_or_warn(x, self.weight):
             return super().forward(x)
         return projection(*_autocast(x, self.weight, self.bias))

@@ -20,37 +20,14 @@ good occupancy (see kernels/fused_linear.py), so those are separate launches.
 """
 from __future__ import annotations
 
-import warnings
-
 import torch
 import torch.nn.functional as F
 
 from fastground.kernels.cross_attention import attention
-from fastground.kernels.fused_linear import (linear, linear_dropout_residual_layernorm, linear_gelu,
-                                             triton_usable)
+from fastground.fast.runtime import compute_dtype, triton_or_warn
+from fastground.kernels.fused_linear import linear, linear_dropout_residual_layernorm, linear_gelu
 from fastground.kernels.kv_proj_pe import kv_proj_pe
 from fastground.model.qformer import QFormer, QFormerBert, QFormerOutput, QFormerSelfOutput
-
-_warned = False
-
-
-def triton_or_warn(*tensors) -> bool:
-    global _warned
-    if triton_usable(*tensors):
-        return True
-    if not _warned:
-        _warned = True
-        warnings.warn("fastground.fast: Triton cannot run here (no CUDA, TRITON_INTERPRET unset); "
-                      "the reference Q-Former runs instead", RuntimeWarning, stacklevel=3)
-    return False
-
-
-def compute_dtype(x: torch.Tensor) -> torch.dtype:
-    dev = x.device.type
-    if torch.is_autocast_enabled(dev):
-        return torch.get_autocast_dtype(dev)
-    return x.dtype
-
 
 def _flat_linear(fn, x, layer, dt):
     y = fn(x.reshape(-1, x.shape[-1]), layer.weight.to(dt), None if layer.bias is None else layer.bias.to(dt))

@@ -19,6 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fastground.model.layers import Mlp
+
 # Top-level names of EVA-CLIP modules that BLIP-2 removed from its ViT. The release loads
 # eva_vit_g.pth with strict=False, so a file that still carries them must still load.
 _EVA_DROPPED_MODULES = ("norm", "fc_norm", "head")
@@ -68,15 +70,7 @@ class EVAAttention(nn.Module):
         return self.proj(out.transpose(1, 2).reshape(b, n, d))
 
 
-class EVAMlp(nn.Module):
-    def __init__(self, dim: int, hidden: int):
-        super().__init__()
-        self.fc1 = nn.Linear(dim, hidden)
-        self.act = nn.GELU()
-        self.fc2 = nn.Linear(hidden, dim)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(self.act(self.fc1(x)))
+EVAMlp = Mlp
 
 
 class EVABlock(nn.Module):

@@ -22,6 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fastground.model.layers import Mlp
+
 from fastground.model.eva_vit import _check_shapes, _key_report, read_state_dict
 
 MODALITY_CONTAINERS = ("modality_preprocessors", "modality_trunks", "modality_heads",
@@ -102,15 +104,7 @@ class SeqFirstDropPath(nn.Module):
         return f"p={self.p}"
 
 
-class AudioMlp(nn.Module):
-    def __init__(self, dim: int, hidden: int):
-        super().__init__()
-        self.fc1 = nn.Linear(dim, hidden)
-        self.act = nn.GELU()
-        self.fc2 = nn.Linear(hidden, dim)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(self.act(self.fc1(x)))
+AudioMlp = Mlp
 
 
 class AudioBlock(nn.Module):
