@@ -92,14 +92,13 @@ def main(argv=None) -> int:
     ap.add_argument("--fast", action="store_true", help="run the branches on the Triton fast path")
     args = ap.parse_args(argv)
 
-    from transformers import AutoTokenizer
-
     from fastground import GroundingGPT, patch
+    from fastground.data.tokenizer import load_tokenizer
 
     model = GroundingGPT.from_pretrained(args.model)
     if args.fast:
         patch(model)
-    tokenizer = AutoTokenizer.from_pretrained(args.tokenizer or args.model)
+    tokenizer = load_tokenizer(args.tokenizer or args.model)
     cfg = model.config
     modality, path = next(((m, p) for m, p in (("image", args.image), ("video", args.video),
                                                ("sound", args.sound)) if p), (None, None))

@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from fastground.data.tokenizer import load_tokenizer
 from fastground.train.config import TrainConfig
 
 log = logging.getLogger("fastground.train")
@@ -230,29 +231,6 @@ def merge_deepspeed_config(user: dict, ours: dict, path: str) -> dict:
 # ---------------------------------------------------------------------------- model
 def _has_tokenizer(path: str | None) -> bool:
     return bool(path) and os.path.isfile(os.path.join(path, "tokenizer_config.json"))
-
-
-def load_tokenizer(path: str):
-    from transformers import AutoTokenizer
-
-    from transformers.utils import logging as hf_logging
-
-    from fastground.config import MEDIA_TOKENS
-    # AutoTokenizer reads the checkpoint's config.json and warns that model_type "LEGO" is
-    # unknown to transformers; the tokenizer itself is an ordinary Llama one.
-    verbosity = hf_logging.get_verbosity()
-    hf_logging.set_verbosity_error()
-    try:
-        tok = AutoTokenizer.from_pretrained(path)
-    finally:
-        hf_logging.set_verbosity(verbosity)
-    missing = [t for t in MEDIA_TOKENS if tok.convert_tokens_to_ids(t) in (None, tok.unk_token_id)]
-    if missing:
-        # A plain Vicuna tokenizer: append the media tokens as the release does.
-        tok.add_tokens(list(MEDIA_TOKENS), special_tokens=True)
-    if tok.pad_token is None:
-        tok.pad_token = tok.unk_token  # the release pads with unk
-    return tok
 
 
 def build_model(cfg: TrainConfig, tokenizer, bf16: bool):
