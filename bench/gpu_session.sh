@@ -42,8 +42,8 @@ nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.mem --f
 "$PY" -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__, 'gpu', torch.cuda.is_available())"
 
 if [ "${FG_SKIP_TESTS:-0}" != 1 ]; then
-    echo "== GPU equivalence tests: pytest tests -k 'kernel or fast'"
-    "$PY" -m pytest tests -q -k "kernel or fast" 2>&1 | tee "$LOGS/tests.log"
+    echo "== GPU equivalence tests: pytest tests -k 'kernel or fast or gpu_release'"
+    "$PY" -m pytest tests -q -k "kernel or fast or gpu_release" 2>&1 | tee "$LOGS/tests.log"
     t=${PIPESTATUS[0]}; [ "$t" -ne 0 ] && rc=$t
 fi
 

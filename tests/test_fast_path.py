@@ -68,8 +68,9 @@ def compare(ref, fast, branch, feats, mask, dtype):
     a gradient that is a sum with heavy cancellation (a bias over few rows) has no bf16 bound
     tighter than what torch's own bf16 path achieves, so the fast path passes when it is within
     the table's tolerance of the reference or no worse than 1.5x torch's own bf16 error."""
-    g = torch.randn(feats.shape[0], *ref.video_query_tokens.shape[1:2], ref.llama_proj.out_features) \
-        if branch == "video" else torch.randn(feats.shape[0], ref.audio_query_tokens.shape[1], ref.audio_llama_proj.out_features)
+    queries, proj = ((ref.video_query_tokens, ref.llama_proj) if branch == "video"
+                     else (ref.audio_query_tokens, ref.audio_llama_proj))
+    g = torch.randn(feats.shape[0], queries.shape[1], proj.out_features, device=feats.device)
     out_ref, g_ref = _grads(ref, branch, feats, mask, g)
     out_fast, g_fast = _grads(fast, branch, feats, mask, g)
     assert set(g_ref) == set(g_fast)
