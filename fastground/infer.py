@@ -78,8 +78,41 @@ def _duration(path: str) -> float:
         return float(s.duration * s.time_base) if s.duration else 1.0
 
 
+def _validate(ap: argparse.ArgumentParser, args) -> None:
+    """Everything checkable before the model loads (which takes a while at 7B)."""
+    if not os.path.isfile(os.path.join(args.model, "config.json")):
+        ap.error(f"--model {args.model}: not a checkpoint directory (no config.json)")
+    tok = args.tokenizer or args.model
+    if not os.path.isfile(os.path.join(tok, "tokenizer_config.json")):
+        ap.error(f"no tokenizer in {tok} (save_pretrained writes weights only): pass --tokenizer DIR")
+    for opt in ("image", "video", "sound"):
+        path = getattr(args, opt)
+        if path is not None and not os.path.isfile(path):
+            ap.error(f"--{opt} {path}: file not found")
+    if args.out:
+        if not (args.image or args.video or args.sound):
+            ap.error("--out draws the answer on the media: give --image, --video or --sound")
+        folder = os.path.dirname(os.path.abspath(args.out))
+        if not os.path.isdir(folder):
+            ap.error(f"--out {args.out}: folder {folder} does not exist")
+
+
+def _load_media(modality, path, cfg) -> dict:
+    if modality == "image":
+        from fastground.data.image import load_image
+        return {"images": load_image(path, cfg)[None]}
+    if modality == "video":
+        from fastground.data.video import load_video
+        return {"videos": load_video(path, cfg, train=False, allow_repeat=True)[None]}
+    if modality == "sound":
+        from fastground.data.audio import load_audio
+        return {"sounds": load_audio(path, cfg)[None]}
+    return {}
+
+
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(prog="python -m fastground.infer", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", required=True, help="release-layout checkpoint directory (with its tokenizer)")
     ap.add_argument("--tokenizer", help="tokenizer directory (default: the model directory)")
     media = ap.add_mutually_exclusive_group()
@@ -91,33 +124,28 @@ def main(argv=None) -> int:
     ap.add_argument("--out", help="PNG with the answer drawn (box on the image, span on a timeline)")
     ap.add_argument("--fast", action="store_true", help="run the branches on the Triton fast path")
     args = ap.parse_args(argv)
+    _validate(ap, args)
 
     from fastground import GroundingGPT, patch
+    from fastground.data.errors import MediaError
     from fastground.data.tokenizer import load_tokenizer
 
+    modality, path = next(((m, p) for m, p in (("image", args.image), ("video", args.video),
+                                               ("sound", args.sound)) if p), (None, None))
+    tokenizer = load_tokenizer(args.tokenizer or args.model)
     model = GroundingGPT.from_pretrained(args.model)
     if args.fast:
         patch(model)
-    tokenizer = load_tokenizer(args.tokenizer or args.model)
-    cfg = model.config
-    modality, path = next(((m, p) for m, p in (("image", args.image), ("video", args.video),
-                                               ("sound", args.sound)) if p), (None, None))
-    media = {}
-    if modality == "image":
-        from fastground.data.image import load_image
-        media["images"] = load_image(path, cfg)[None]
-    elif modality == "video":
-        from fastground.data.video import load_video
-        media["videos"] = load_video(path, cfg, train=False, allow_repeat=True)[None]
-    elif modality == "sound":
-        from fastground.data.audio import load_audio
-        media["sounds"] = load_audio(path, cfg)[None]
-    ids = build_inputs(args.question, tokenizer, cfg, modality)
+    try:
+        media = _load_media(modality, path, model.config)
+    except MediaError as e:
+        ap.error(str(e))
+    ids = build_inputs(args.question, tokenizer, model.config, modality)
     answer = tokenizer.decode(generate(model, ids, max_new_tokens=args.max_new_tokens,
                                        eos_token_id=tokenizer.eos_token_id, **media), skip_special_tokens=True)
     print(answer)
-    if args.out and modality:
-        print(_picture(modality, path, answer, cfg, args.out), "->", args.out, file=sys.stderr)
+    if args.out:
+        print(_picture(modality, path, answer, model.config, args.out), "->", args.out, file=sys.stderr)
     return 0
 
 

@@ -13,7 +13,7 @@ from fastground.model.stages import parameter_report, trainable_parameters
 
 
 def main(argv=None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__)
+    ap = argparse.ArgumentParser(prog="python -m fastground.info", description=__doc__)
     ap.add_argument("--preset", default="groundinggpt-7b", choices=sorted(PRESETS))
     args = ap.parse_args(argv)
     t0 = time.perf_counter()

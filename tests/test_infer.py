@@ -57,3 +57,24 @@ def test_cli_answers_and_draws(demo, tmp_path, capsys):
     assert main(["--model", str(tmp_path / "model"), "--video", str(demo / vid["video"]),
                  "--question", "When?", "--max-new-tokens", "3", "--out", str(out2)]) == 0
     assert out2.is_file()
+
+
+def test_cli_rejects_bad_paths_before_loading(demo, tmp_path, capsys):
+    model_dir = tmp_path / "m"
+    os.makedirs(model_dir)
+    (model_dir / "config.json").write_text("{}")
+    cases = [
+        (["--model", str(tmp_path / "nope"), "--question", "q"], "not a checkpoint directory"),
+        (["--model", str(model_dir), "--question", "q"], "no tokenizer in"),
+        (["--model", str(model_dir), "--tokenizer", str(demo / "tokenizer"), "--image", "missing.png",
+          "--question", "q"], "--image missing.png: file not found"),
+        (["--model", str(model_dir), "--tokenizer", str(demo / "tokenizer"), "--question", "q", "--out", "a.png"],
+         "give --image, --video or --sound"),
+        (["--model", str(model_dir), "--tokenizer", str(demo / "tokenizer"), "--image", str(demo / "images" / "img_0000.png"),
+          "--question", "q", "--out", str(tmp_path / "no" / "a.png")], "does not exist"),
+    ]
+    for argv, message in cases:
+        with pytest.raises(SystemExit) as e:
+            main(argv)
+        assert e.value.code == 2
+        assert message in capsys.readouterr().err, argv

@@ -176,8 +176,11 @@ def test_checkpoint_errors(cfg, tmp_path):
     with pytest.raises(ValueError, match=r"bad: checkpoint does not match the model: \d+ missing keys.*audio_Qformer.*"
                                          r"1 unexpected keys \['model.surprise.weight'\]"):
         GroundingGPT.from_pretrained(str(tmp_path / "bad"))
-    with pytest.raises(FileNotFoundError, match="no config.json"):
+    with pytest.raises(FileNotFoundError, match="nowhere: checkpoint directory not found"):
         GroundingGPT.from_pretrained(str(tmp_path / "nowhere"))
+    os.makedirs(tmp_path / "empty")
+    with pytest.raises(FileNotFoundError, match="no config.json"):
+        GroundingGPT.from_pretrained(str(tmp_path / "empty"))
     os.makedirs(tmp_path / "corrupt")
     cfg.save(str(tmp_path / "corrupt"))
     (tmp_path / "corrupt" / "model.safetensors").write_bytes(b"not a tensor file")

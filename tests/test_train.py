@@ -208,6 +208,30 @@ def test_bad_config_file(tmp_path):
     assert (cfg.global_batch, cfg.micro_batch, cfg.grad_accum, cfg.lr) == (12, 3, 2, 3e-4)
 
 
+def test_corrupt_data_file_is_a_config_error(tmp_path, capsys):
+    bad = tmp_path / "corrupt.json"
+    bad.write_text('[{"id": "a", "conversations": [')
+    assert main(["--data", str(bad)]) == 2
+    assert f"--data: {bad} is not valid JSON" in capsys.readouterr().err
+    bad.write_text('{"id": "a"}')
+    assert main(["--data", str(bad)]) == 2
+    assert "must hold a JSON list of samples, not a dict" in capsys.readouterr().err
+
+
+def test_unloadable_media_stop_the_run_with_one_line(tmp_path, capsys):
+    entries = [{"id": f"s{i}", "image": f"img_{i}.png",
+                "conversations": [{"from": "human", "value": "<image>\nWhere is it?"},
+                                  {"from": "gpt", "value": "[0.100,0.200,0.300,0.400]"}]} for i in range(30)]
+    data = tmp_path / "imgs.json"
+    data.write_text(json.dumps(entries))
+    rc = main(["--data", str(data), "--image-folder", str(tmp_path), "--max-steps", "2",
+               "--output", str(tmp_path / "out"), "--no-progress"])
+    err = capsys.readouterr().err
+    assert rc == 1, err
+    line = [l for l in err.splitlines() if l.startswith("python -m fastground.train: error:")]
+    assert line and "samples tried failed to load" in line[0] and "Traceback" not in err
+
+
 def test_bad_config_exits_before_any_work(tmp_path):
     res = subprocess.run([sys.executable, "-m", "fastground.train", "--data", "missing.json"], env=_env(),
                          capture_output=True, text=True, timeout=120, cwd=str(tmp_path))

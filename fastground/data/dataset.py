@@ -52,6 +52,10 @@ def _rebuild_sample_error(cls, problem, sample_id, json_path, index, media_path)
     return cls(problem, sample_id=sample_id, json_path=json_path, index=index, media_path=media_path)
 
 
+class DataError(RuntimeError):
+    """Too many samples of a data set failed to load: the run stops with the list."""
+
+
 class SchemaError(SampleError):
     """An entry whose JSON does not have the expected shape."""
 
@@ -248,14 +252,14 @@ class GroundingDataset:
                 self.bad_samples.add(e.sample_id, str(e))
                 logger.warning("skipping %s", e)
                 self._check_bad_fraction()
-        raise RuntimeError(f"no sample of the {n} in {', '.join(self.json_paths)} could be loaded; "
+        raise DataError(f"no sample of the {n} in {', '.join(self.json_paths)} could be loaded; "
                            f"failures: {self.bad_samples.summary()}")
 
     def _check_bad_fraction(self) -> None:
         log = self.bad_samples
         if log.attempts >= min(self.min_tries_before_check, len(self)) \
                 and log.fraction > self.max_bad_fraction:
-            raise RuntimeError(
+            raise DataError(
                 f"{log.count} of {log.attempts} samples tried failed to load "
                 f"({log.fraction:.1%} > max_bad_fraction={self.max_bad_fraction:.1%}) in "
                 f"{', '.join(self.json_paths)}; check the media folders "

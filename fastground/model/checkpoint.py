@@ -157,6 +157,8 @@ def load_pretrained(cls, path: str, vision_tower_path: str | None = None, eva_pa
                     strict: bool = True):
     """Load a release-layout checkpoint. Built on the meta device and filled by assignment,
     so a 7B model loads without a random initialisation first."""
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"{path}: checkpoint directory not found")
     cfg = config or GroundingGPTConfig.load(path)
     tower = _vision_tower(cfg, path, vision_tower_path)
     with torch.device("meta"):
@@ -188,7 +190,7 @@ def load_pretrained(cls, path: str, vision_tower_path: str | None = None, eva_pa
     model.model.query_tokens.requires_grad_(False)
     if dtype is not None:
         model.to(dtype)
-    return model
+    return model.eval()  # as transformers' from_pretrained: inference unless train() is called
 
 
 def _by_module(keys: list[str]) -> dict[str, int]:

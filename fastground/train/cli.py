@@ -121,6 +121,19 @@ def _files(spec: str | None) -> list[str]:
     return [s.strip() for s in spec.split(",") if s.strip()] if spec else []
 
 
+def _check_json_list(opt: str, path: str) -> None:
+    """A data file must parse before any model is built; entries are checked lazily later."""
+    with open(path, encoding="utf-8") as f:
+        try:
+            data = json.load(f)
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"{opt}: {path} is not valid JSON ({e})") from None
+        except UnicodeDecodeError as e:
+            raise ConfigError(f"{opt}: {path} is not UTF-8 text ({e})") from None
+    if not isinstance(data, list):
+        raise ConfigError(f"{opt}: {path} must hold a JSON list of samples, not a {type(data).__name__}")
+
+
 def validate(cfg: TrainConfig, world_size: int) -> TrainConfig:
     """Every check that needs no model and no data loading."""
     if cfg.stage not in (1, 2, 3):
@@ -131,6 +144,7 @@ def validate(cfg: TrainConfig, world_size: int) -> TrainConfig:
         for path in _files(spec):
             if not os.path.isfile(path):
                 raise ConfigError(f"{opt}: data file not found: {path}")
+            _check_json_list(opt, path)
     for opt, path in (("--image-folder", cfg.image_folder), ("--video-folder", cfg.video_folder),
                       ("--sound-folder", cfg.sound_folder)):
         if path is not None and not os.path.isdir(path):
@@ -204,6 +218,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as e:
         print(f"{PROG}: error: {e}", file=sys.stderr)
         return 2
-    from fastground.train.engine import train
-    train(cfg)
+    from fastground.data.dataset import DataError
+    from fastground.train.engine import ResumeError, train
+    try:
+        train(cfg)
+    except (DataError, ResumeError) as e:
+        # Expected ways a run can stop on its inputs: one clear line, not a traceback.
+        print(f"{PROG}: error: {e}", file=sys.stderr)
+        return 1
     return 0

@@ -448,7 +448,7 @@ def _train(cfg: TrainConfig, info: DistInfo) -> TrainResult:
     if cfg.resume is not None:
         resume_path = ckpt.find_resume_checkpoint(cfg.resume, output)
         if resume_path is None:
-            log.info("--resume: no checkpoint in %s, starting at step 0", output)
+            log.warning("--resume: no checkpoint in %s, starting at step 0", output)
     if resume_path is not None:
         state = ckpt.load_checkpoint(engine, resume_path)
         _check_resumable(state, cfg, world, total, resume_path)
@@ -456,7 +456,7 @@ def _train(cfg: TrainConfig, info: DistInfo) -> TrainResult:
         counters.update(state.get("counters", {}))
         td.sampler.load_state_dict(state["sampler"])  # rejects a changed data set / seed / world size
         if td.batches.sampler_state(step) != state["sampler"]:
-            raise ValueError(f"{resume_path}: the data stream differs from the saved run's")
+            raise ResumeError(f"{resume_path}: the data stream differs from the saved run's")
         log.info("resumed from %s at step %d", resume_path, step)
         ckpt.restore_rng(resume_path, rank, device)
     else:
@@ -542,6 +542,10 @@ def _train(cfg: TrainConfig, info: DistInfo) -> TrainResult:
     return result
 
 
+class ResumeError(ValueError):
+    """A checkpoint that cannot continue this run (other settings or data)."""
+
+
 def _check_resumable(state: dict, cfg: TrainConfig, world: int, total: int, path: str) -> None:
     same = {"world_size": world, "global_batch": cfg.global_batch, "micro_batch": cfg.micro_batch,
             "grad_accum": cfg.grad_accum, "stage": cfg.stage, "seed": cfg.seed, "lora": cfg.lora,
@@ -549,5 +553,5 @@ def _check_resumable(state: dict, cfg: TrainConfig, world: int, total: int, path
     diff = {k: (state.get(k), v) for k, v in same.items() if state.get(k) != v}
     if diff:
         detail = ", ".join(f"{k}: saved {a!r}, now {b!r}" for k, (a, b) in diff.items())
-        raise ValueError(f"cannot resume from {path}: settings differ ({detail}); the continued run would "
+        raise ResumeError(f"cannot resume from {path}: settings differ ({detail}); the continued run would "
                          "not match the interrupted one")
