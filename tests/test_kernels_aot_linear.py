@@ -11,6 +11,8 @@ it the shared-memory figure would describe a different kernel).
 from __future__ import annotations
 
 import pytest
+
+from aot_checks import assert_fits_chip, assert_no_spills
 import torch
 
 from fastground.kernels import adapters as ad
@@ -93,16 +95,9 @@ def test_release_plan_covers_every_kernel():
 
 @pytest.mark.parametrize("cc", CCS)
 def test_shared_memory_fits(compiled, cc):
-    rows = [r for r in compiled if r["cc"] == cc]
-    assert rows
-    for r in rows:
-        print(f"sm_{cc} {r['kernel']:27s} smem {r['smem']:7d} B  regs {r['registers']:3d} stack {r['stack']:3d}"
-              f"  w{r['warps']} s{r['stages']}  {r['types']} {r['consts']}")
-    too_big = [r for r in rows if not aot.fits(r["smem"], cc)]
-    assert not too_big, f"over {aot.SMEM_LIMIT[cc]} B of shared memory: {too_big}"
+    assert_fits_chip(compiled, cc)
 
 
 @pytest.mark.parametrize("cc", CCS)
 def test_no_register_spills(compiled, cc):
-    spills = [r for r in compiled if r["cc"] == cc and (r["local"] or r["stack"])]
-    assert not spills, f"register spills: {spills}"
+    assert_no_spills(compiled, cc)

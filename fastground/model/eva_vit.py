@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fastground.model.layers import Mlp
+from fastground.model.layers import Mlp, init_linear_and_norm
 
 # Top-level names of EVA-CLIP modules that BLIP-2 removed from its ViT. The release loads
 # eva_vit_g.pth with strict=False, so a file that still carries them must still load.
@@ -118,14 +118,7 @@ class EVAVisionTransformer(nn.Module):
         near the identity."""
         nn.init.trunc_normal_(self.cls_token, std=std)
         nn.init.trunc_normal_(self.pos_embed, std=std)
-        for m in self.modules():
-            if isinstance(m, nn.Linear):
-                nn.init.trunc_normal_(m.weight, std=std)
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.LayerNorm):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
+        init_linear_and_norm(self, std)
         with torch.no_grad():
             for i, blk in enumerate(self.blocks, start=1):
                 blk.attn.proj.weight.div_(math.sqrt(2.0 * i))

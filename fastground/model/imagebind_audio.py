@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fastground.model.layers import Mlp
+from fastground.model.layers import Mlp, init_linear_and_norm
 
 from fastground.model.eva_vit import _check_shapes, _key_report, read_state_dict
 
@@ -231,14 +231,7 @@ class ImageBindAudioEncoder(nn.Module):
         pre = self.preprocessor
         nn.init.trunc_normal_(pre.cls_token, std=std)
         nn.init.trunc_normal_(pre.pos_embedding_helper.pos_embed, std=std)
-        for m in self.modules():
-            if isinstance(m, nn.Linear):
-                nn.init.trunc_normal_(m.weight, std=std)
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.LayerNorm):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
+        init_linear_and_norm(self, std)
 
     def get_audio_feature(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x: (B, S, 1, mel, frames), S clips per audio (or (N, 1, mel, frames)).
