@@ -9,14 +9,13 @@ argument specialisation Triton's JIT would make) instead of running it. No GPU n
 from __future__ import annotations
 
 import pytest
-
-from aot_checks import assert_fits_chip, assert_no_spills
 import torch
 
 from fastground.config import GroundingGPTConfig
 from fastground.kernels import aot
 from fastground.kernels.cross_attention import attention, attention_dropout_mask
 from fastground.kernels.kv_proj_pe import kv_proj_pe
+from aot_checks import assert_fits_chip, assert_no_spills
 
 CCS = (80, 90)
 SMS = {80: 108, 90: 132}  # A100, H100 SXM: split heuristics depend on the SM count

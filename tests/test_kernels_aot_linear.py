@@ -11,13 +11,12 @@ it the shared-memory figure would describe a different kernel).
 from __future__ import annotations
 
 import pytest
-
-from aot_checks import assert_fits_chip, assert_no_spills
 import torch
 
 from fastground.kernels import adapters as ad
 from fastground.kernels import aot
 from fastground.kernels import fused_linear as fl
+from aot_checks import assert_fits_chip, assert_no_spills
 
 CCS = (80, 90)
 SMS = {80: 108, 90: 132}  # A100, H100 SXM
