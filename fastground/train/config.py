@@ -99,12 +99,13 @@ class TrainConfig:
     # --- optimisation (Table 9)
     global_batch: int | None = _opt(None, "samples per optimizer step over all processes "
                                           "(default: micro batch x grad accum x 8, the paper's 8 GPUs: "
-                                          "512 / 256 / 128)")
+                                          "512 / 256 / 128; tiny demo: 4 / 8 / 8)")
     micro_batch: int | None = _opt(None, "samples per process per forward pass (Table 9 'batch "
-                                         "size': 64 / 16 / 8)")
+                                         "size': 64 / 16 / 8; tiny demo: 4)")
     grad_accum: int | None = _opt(None, "micro-batches per optimizer step (default: global batch / "
                                         "(world size x micro batch); Table 9: 1 / 2 / 2 on 8 GPUs)")
-    lr: float | None = _opt(None, "peak learning rate (Table 9: 1e-3 / 2e-5 / 2e-5)")
+    lr: float | None = _opt(None, "peak learning rate (Table 9: 1e-3 / 2e-5 / 2e-5; tiny demo: "
+                                  "2e-3 / 1e-3 / 1e-3)")
     warmup_ratio: float = _opt(0.03, "fraction of the steps spent warming the learning rate up linearly")
     weight_decay: float = _opt(0.0, "AdamW weight decay (biases and norm weights are never decayed)")
     adam_beta1: float = _opt(0.9, "AdamW beta1")
