@@ -321,3 +321,17 @@ def test_stage1_from_vicuna_and_encoder_files(demo, tmp_path):
         if k.startswith(("visual_encoder.", "ln_vision.", "Qformer.", "query_tokens", "audio_encoder.",
                          "vision_tower.")):
             assert torch.equal(got["model." + k], v), k
+
+
+@pytest.mark.parametrize("extra", [["--packed"], ["--lora", "--lora-r", "4"]], ids=["packed", "lora"])
+def test_packed_and_lora_runs(demo, tmp_path, extra):
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "fastground.train", "--stage", "3", "--demo-data", demo, "--output", str(out),
+           "--max-steps", "3", "--global-batch", "2", "--micro-batch", "2", "--no-progress", *extra]
+    res = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=300, cwd=str(tmp_path))
+    assert res.returncode == 0, res.stderr[-4000:]
+    records = [json.loads(line) for line in open(out / "metrics.jsonl")]
+    assert [r["step"] for r in records] == [1, 2, 3] and all(math.isfinite(r["loss"]) for r in records)
+    model = GroundingGPT.from_pretrained(str(out / "final"))
+    # the export is the plain release layout (LoRA merged), whatever trained
+    assert not any("lora" in k for k in model.state_dict())
