@@ -15,3 +15,11 @@ def assert_fits_chip(compiled, cc: int, name_width: int = 27) -> None:
 def assert_no_spills(compiled, cc: int) -> None:
     spills = [r for r in compiled if r["cc"] == cc and (r["local"] or r["stack"])]
     assert not spills, f"register spills: {spills}"
+
+
+def unique_launches(launches):
+    """One launch per compiled configuration, in first-seen order."""
+    unique = {}
+    for launch in launches:
+        unique.setdefault(launch.key(), launch)
+    return list(unique.values())

@@ -15,7 +15,7 @@ from fastground.config import GroundingGPTConfig
 from fastground.kernels import aot
 from fastground.kernels.cross_attention import attention, attention_dropout_mask
 from fastground.kernels.kv_proj_pe import kv_proj_pe
-from aot_checks import assert_fits_chip, assert_no_spills
+from aot_checks import assert_fits_chip, assert_no_spills, unique_launches
 
 CCS = (80, 90)
 SMS = {80: 108, 90: 132}  # A100, H100 SXM: split heuristics depend on the SM count
@@ -73,10 +73,7 @@ def _release_launches() -> list[aot.Launch]:
                 torch.backends.cuda.matmul.allow_tf32 = prev
             attention_dropout_mask(1, BATCH, heads, cfg.video_token_len, 2048, 0.1, device="meta")
         launches += rec
-    unique = {}
-    for launch in launches:
-        unique.setdefault(launch.key(), launch)
-    return list(unique.values())
+    return unique_launches(launches)
 
 
 @pytest.fixture(scope="module")

@@ -16,7 +16,7 @@ import torch
 from fastground.kernels import adapters as ad
 from fastground.kernels import aot
 from fastground.kernels import fused_linear as fl
-from aot_checks import assert_fits_chip, assert_no_spills
+from aot_checks import assert_fits_chip, assert_no_spills, unique_launches
 
 CCS = (80, 90)
 SMS = {80: 108, 90: 132}  # A100, H100 SXM
@@ -61,10 +61,7 @@ def _release_launches() -> list[aot.Launch]:
             launches += rec
     finally:
         torch.backends.cuda.matmul.allow_tf32 = prev_tf32
-    unique = {}
-    for launch in launches:
-        unique.setdefault(launch.key(), launch)
-    return list(unique.values())
+    return unique_launches(launches)
 
 
 @pytest.fixture(scope="module")

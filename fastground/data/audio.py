@@ -60,7 +60,7 @@ from typing import Any, Optional, Sequence
 import numpy as np
 import torch
 
-from fastground.data.errors import MediaError
+from fastground.data.errors import MediaError, check_media_file
 
 __all__ = [
     "SAMPLE_RATE", "FBANK_MEAN", "FBANK_STD", "SILENCE_PEAK",
@@ -95,12 +95,7 @@ def _fspath(path: Any) -> str:
 
 
 def _check_file(path: str, sample_id: Any) -> None:
-    if not os.path.exists(path):
-        raise MediaError(path, "file not found", sample_id)
-    if os.path.isdir(path):
-        raise MediaError(path, "is a directory, not an audio file", sample_id)
-    if os.path.getsize(path) == 0:
-        raise MediaError(path, "empty file (0 bytes)", sample_id)
+    check_media_file(path, "an audio", sample_id)
 
 
 def _frame_to_planar(frame) -> np.ndarray:

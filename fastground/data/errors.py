@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 from typing import Any, Optional
 
-__all__ = ["MediaError"]
+__all__ = ["MediaError", "check_media_file"]
 
 
 class MediaError(ValueError):
@@ -44,3 +44,13 @@ class MediaError(ValueError):
         # Exceptions pickle as `cls(*self.args)` by default, which would pass the whole
         # message as `path`; rebuild from the fields instead.
         return (MediaError, (self.path, self.problem, self.sample_id))
+
+
+def check_media_file(path: str, kind: str, sample_id: Any = None) -> None:
+    """The checks every loader makes before decoding: exists, is a file, is not empty."""
+    if not os.path.exists(path):
+        raise MediaError(path, "file not found", sample_id)
+    if os.path.isdir(path):
+        raise MediaError(path, f"is a directory, not {kind} file", sample_id)
+    if os.path.getsize(path) == 0:
+        raise MediaError(path, "empty file (0 bytes)", sample_id)

@@ -53,7 +53,7 @@ from typing import Any, Optional, Union
 import numpy as np
 import torch
 
-from fastground.data.errors import MediaError
+from fastground.data.errors import MediaError, check_media_file
 from fastground.data.image import CLIP_MEAN, CLIP_STD
 
 __all__ = [
@@ -94,12 +94,7 @@ def _fspath(path: Any) -> str:
 def _open_container(path: str, sample_id: Any):
     import av
 
-    if not os.path.exists(path):
-        raise MediaError(path, "file not found", sample_id)
-    if os.path.isdir(path):
-        raise MediaError(path, "is a directory, not a video file", sample_id)
-    if os.path.getsize(path) == 0:
-        raise MediaError(path, "empty file (0 bytes)", sample_id)
+    check_media_file(path, "a video", sample_id)
     try:
         container = av.open(path)
     except av.error.FFmpegError as e:

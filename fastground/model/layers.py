@@ -18,11 +18,13 @@ class Mlp(nn.Module):
         return self.fc2(self.act(self.fc1(x)))
 
 
-def init_linear_and_norm(module: nn.Module, std: float = 0.02) -> None:
-    """ViT initialisation: truncated-normal Linear weights, zero biases, unit LayerNorms."""
+def init_linear_and_norm(module: nn.Module, std: float = 0.02, truncated: bool = True) -> None:
+    """Linear weights normal(0, std) (truncated, as ViTs do; plain, as BERT does), zero
+    biases, unit LayerNorms."""
+    draw = nn.init.trunc_normal_ if truncated else nn.init.normal_
     for m in module.modules():
         if isinstance(m, nn.Linear):
-            nn.init.trunc_normal_(m.weight, std=std)
+            draw(m.weight, std=std)
             if m.bias is not None:
                 nn.init.zeros_(m.bias)
         elif isinstance(m, nn.LayerNorm):

@@ -15,6 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fastground.model.layers import init_linear_and_norm
+
 
 @dataclass
 class QFormerSpec:
@@ -180,11 +182,4 @@ class QFormer(nn.Module):
 
 def init_qformer_weights(module: nn.Module, std: float = 0.02) -> None:
     """BERT's initialisation: normal(0, 0.02) weights, zero biases, unit LayerNorms."""
-    for m in module.modules():
-        if isinstance(m, nn.Linear):
-            nn.init.normal_(m.weight, std=std)
-            if m.bias is not None:
-                nn.init.zeros_(m.bias)
-        elif isinstance(m, nn.LayerNorm):
-            nn.init.ones_(m.weight)
-            nn.init.zeros_(m.bias)
+    init_linear_and_norm(module, std, truncated=False)
