@@ -10,3 +10,16 @@ except Exception:  # pragma: no cover
     _has_gpu = False
 if not _has_gpu:
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+def pytest_runtest_setup(item):
+    """`@pytest.mark.requires("peft", ...)`: the one rule for optional packages. The README's
+    test command installs all of them; without one, its tests skip and name it."""
+    import importlib.util
+
+    import pytest
+
+    for mark in item.iter_markers("requires"):
+        missing = [m for m in mark.args if importlib.util.find_spec(m) is None]
+        if missing:
+            pytest.skip(f"needs {', '.join(missing)} (installed by pip install -e '.[test]')")
