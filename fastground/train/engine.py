@@ -337,16 +337,46 @@ def train(cfg: TrainConfig) -> TrainResult:
     return _train(cfg, setup_distributed())
 
 
-def _train(cfg: TrainConfig, info: DistInfo) -> TrainResult:
-    import deepspeed
+@dataclass
+class Run:
+    """Everything one training run holds between steps (built once by `build_run`)."""
+    cfg: TrainConfig
+    info: DistInfo
+    engine: object  # deepspeed.DeepSpeedEngine
+    tokenizer: object
+    td: object  # fastground.train.data.TrainData
+    loader: object
+    batches: object  # iterator over the loader
+    metrics: object  # fastground.train.metrics.Metrics
+    settings: dict
+    source: str
+    total: int
+    stop: int
+    bf16: bool
+    step: int = 0
+    counters: dict = field(default_factory=lambda: {"tokens": 0, "samples": 0, "skipped": 0})
+    t_start: float = 0.0
 
+    @property
+    def output(self) -> str:
+        return self.cfg.output_dir()
+
+
+@dataclass
+class StepStats:
+    """What one optimizer step did, summed over every rank."""
+    loss: float  # mean over the answer tokens of the global batch
+    lr: float
+    seconds: float
+    tokens: int  # tokens through the LLM
+    samples: int
+    answer_tokens: int
+    skipped: int
+    grad_norm: float | None
+
+
+def _prepare_output(cfg: TrainConfig, rank: int) -> str:
     from fastground.train import checkpoint as ckpt
-    from fastground.train.data import batch_counts, build_train_data, demo_paths
-    from fastground.train.metrics import Metrics, path_params, peak_flops
-
-    t_start = time.perf_counter()
-    rank, world, device = info.rank, info.world_size, info.device
-    _setup_logging(rank)
     output = cfg.output_dir()
     if rank == 0:
         os.makedirs(output, exist_ok=True)
@@ -358,13 +388,13 @@ def _train(cfg: TrainConfig, info: DistInfo) -> TrainResult:
                         "instead)", output, len(stale))
             for _, path in stale:
                 shutil.rmtree(path, ignore_errors=True)
+    return output
 
-    bf16 = _precision(cfg, device)
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = cfg.tf32
-        torch.backends.cudnn.allow_tf32 = cfg.tf32
 
-    # ---- data files (the demo set is generated once, by one process per machine)
+def _data_files(cfg: TrainConfig, info: DistInfo):
+    """(data, previous-stage data, media folders, tokenizer directory); the demo set is
+    generated once, by one process per machine, when no data or tokenizer is given."""
+    from fastground.train.data import demo_paths
     folders = {"image": cfg.image_folder, "video": cfg.video_folder, "sound": cfg.sound_folder}
     data, prev_data, tok_dir = cfg.data, cfg.prev_data, cfg.tokenizer
     start = cfg.starting_point()
@@ -385,43 +415,22 @@ def _train(cfg: TrainConfig, info: DistInfo) -> TrainResult:
             if prev_data is None and cfg.alpha > 0:
                 prev_data = demo["prev_data"]
             folders = {m: folders[m] or demo[m] for m in folders}
-    tokenizer = load_tokenizer(tok_dir)
+    return data, prev_data, folders, tok_dir
 
-    # ---- model
-    model, source = build_model(cfg, tokenizer, bf16)
-    log.info("stage %d starts from %s", cfg.stage, source)
-    if cfg.max_length > model.config.max_position_embeddings:
-        log.info("max length %d > the model's %d positions: using %d", cfg.max_length,
-                 model.config.max_position_embeddings, model.config.max_position_embeddings)
-        cfg = dataclasses.replace(cfg, max_length=model.config.max_position_embeddings)
-    if cfg.lora:
-        add_lora(model, cfg)
-    trainable = trainable_set(model, cfg.stage, cfg.lora)
-    if cfg.gradient_checkpointing:
-        # Non-reentrant: the reentrant variant drops the gradients of a layer whose input does
-        # not require grad (stage 1, where only media positions carry trainable features).
-        kwargs = {"use_reentrant": False}
-        if hasattr(model.model, "activation_checkpointing_enable"):  # transformers >= 5.x name
-            model.model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
-        else:
-            model.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
-    n_train = sum(p.numel() for p in trainable.values())
-    n_all = sum(p.numel() for p in model.parameters())
-    log.info("trainable: %s of %s parameters (%d tensors)%s", f"{n_train:,}", f"{n_all:,}", len(trainable),
-             " with LoRA on the LLM" if cfg.lora else "")
 
-    # ---- data stream
-    td = build_train_data(data, prev_data, cfg.alpha, tokenizer, model.config, folders, cfg.max_length,
-                          cfg.video_backend, cfg.max_bad_fraction, cfg.seed, rank, world,
-                          cfg.micro_batch, cfg.grad_accum)
-    total = cfg.max_steps if cfg.max_steps is not None else td.batches.steps_for_epochs(cfg.epochs)
-    warm = warmup_steps(total, cfg.warmup_ratio)
-    log.info("data: %d samples%s; %d steps of %d samples (%d per process x %d accumulation x %d processes), "
-             "warm-up %d steps", td.n_current,
-             f" + {td.n_previous} replayed at alpha={cfg.alpha}" if td.n_previous else "",
-             total, cfg.global_batch, cfg.micro_batch, cfg.grad_accum, world, warm)
+def _enable_gradient_checkpointing(model) -> None:
+    # Non-reentrant: the reentrant variant drops the gradients of a layer whose input does
+    # not require grad (stage 1, where only media positions carry trainable features).
+    kwargs = {"use_reentrant": False}
+    if hasattr(model.model, "activation_checkpointing_enable"):  # transformers >= 5.x name
+        model.model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
-    # ---- engine
+
+def _make_engine(cfg: TrainConfig, model, trainable: dict, total: int, warm: int, bf16: bool, info: DistInfo):
+    import deepspeed
+    device = info.device
     ds_cfg = deepspeed_config(cfg, bf16, device.type == "cuda")
     user = None
     if cfg.deepspeed_config:
@@ -439,107 +448,191 @@ def _train(cfg: TrainConfig, info: DistInfo) -> TrainResult:
                                            model_parameters=None if optimizer is not None else list(trainable.values()),
                                            config=ds_cfg, dist_init_required=False)
     log.info("engine: DeepSpeed ZeRO-%d, %s, %s, %d process(es)", ds_cfg["zero_optimization"]["stage"],
-             opt_name, "bf16" if bf16 else "fp32", world)
+             opt_name, "bf16" if bf16 else "fp32", info.world_size)
+    return engine
 
-    # ---- resume
-    step = 0
-    counters = {"tokens": 0, "samples": 0, "skipped": 0}
+
+def _resume_or_seed(cfg: TrainConfig, engine, td, output: str, info: DistInfo, total: int,
+                    counters: dict) -> int:
+    """The step to start at: a checkpoint's (restoring its state and RNG), else 0 with the
+    run's seeds set."""
+    from fastground.train import checkpoint as ckpt
+    rank, world, device = info.rank, info.world_size, info.device
     resume_path = None
     if cfg.resume is not None:
         resume_path = ckpt.find_resume_checkpoint(cfg.resume, output)
         if resume_path is None:
             log.warning("--resume: no checkpoint in %s, starting at step 0", output)
-    if resume_path is not None:
-        state = ckpt.load_checkpoint(engine, resume_path)
-        _check_resumable(state, cfg, world, total, resume_path)
-        step = int(state["step"])
-        counters.update(state.get("counters", {}))
-        td.sampler.load_state_dict(state["sampler"])  # rejects a changed data set / seed / world size
-        if td.batches.sampler_state(step) != state["sampler"]:
-            raise ResumeError(f"{resume_path}: the data stream differs from the saved run's")
-        log.info("resumed from %s at step %d", resume_path, step)
-        ckpt.restore_rng(resume_path, rank, device)
-    else:
+    if resume_path is None:
         random.seed(cfg.seed + rank)
         np.random.seed((cfg.seed + rank) % 2**32)
         torch.manual_seed(cfg.seed + rank)  # dropout differs per rank, as in a DDP run
+        return 0
+    state = ckpt.load_checkpoint(engine, resume_path)
+    _check_resumable(state, cfg, world, total, resume_path)
+    step = int(state["step"])
+    counters.update(state.get("counters", {}))
+    td.sampler.load_state_dict(state["sampler"])  # rejects a changed data set / seed / world size
+    if td.batches.sampler_state(step) != state["sampler"]:
+        raise ResumeError(f"{resume_path}: the data stream differs from the saved run's")
+    log.info("resumed from %s at step %d", resume_path, step)
+    ckpt.restore_rng(resume_path, rank, device)
+    return step
+
+
+def build_run(cfg: TrainConfig, info: DistInfo) -> Run:
+    """Output folder, data, model, DeepSpeed engine, resume state, loader and metrics."""
+    from fastground.train.data import build_train_data
+    from fastground.train.metrics import Metrics, path_params, peak_flops
+
+    t_start = time.perf_counter()
+    rank, world, device = info.rank, info.world_size, info.device
+    _setup_logging(rank)
+    output = _prepare_output(cfg, rank)
+    bf16 = _precision(cfg, device)
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = cfg.tf32
+        torch.backends.cudnn.allow_tf32 = cfg.tf32
+
+    data, prev_data, folders, tok_dir = _data_files(cfg, info)
+    tokenizer = load_tokenizer(tok_dir)
+
+    model, source = build_model(cfg, tokenizer, bf16)
+    log.info("stage %d starts from %s", cfg.stage, source)
+    if cfg.max_length > model.config.max_position_embeddings:
+        log.info("max length %d > the model's %d positions: using %d", cfg.max_length,
+                 model.config.max_position_embeddings, model.config.max_position_embeddings)
+        cfg = dataclasses.replace(cfg, max_length=model.config.max_position_embeddings)
+    if cfg.lora:
+        add_lora(model, cfg)
+    trainable = trainable_set(model, cfg.stage, cfg.lora)
+    if cfg.gradient_checkpointing:
+        _enable_gradient_checkpointing(model)
+    n_train = sum(p.numel() for p in trainable.values())
+    n_all = sum(p.numel() for p in model.parameters())
+    log.info("trainable: %s of %s parameters (%d tensors)%s", f"{n_train:,}", f"{n_all:,}", len(trainable),
+             " with LoRA on the LLM" if cfg.lora else "")
+
+    td = build_train_data(data, prev_data, cfg.alpha, tokenizer, model.config, folders, cfg.max_length,
+                          cfg.video_backend, cfg.max_bad_fraction, cfg.seed, rank, world,
+                          cfg.micro_batch, cfg.grad_accum)
+    total = cfg.max_steps if cfg.max_steps is not None else td.batches.steps_for_epochs(cfg.epochs)
+    warm = warmup_steps(total, cfg.warmup_ratio)
+    log.info("data: %d samples%s; %d steps of %d samples (%d per process x %d accumulation x %d processes), "
+             "warm-up %d steps", td.n_current,
+             f" + {td.n_previous} replayed at alpha={cfg.alpha}" if td.n_previous else "",
+             total, cfg.global_batch, cfg.micro_batch, cfg.grad_accum, world, warm)
+
+    engine = _make_engine(cfg, model, trainable, total, warm, bf16, info)
+    counters = {"tokens": 0, "samples": 0, "skipped": 0}
+    step = _resume_or_seed(cfg, engine, td, output, info, total, counters)
 
     stop = total if cfg.stop_after is None else min(total, cfg.stop_after)
     num_workers = cfg.num_workers if cfg.num_workers is not None else (4 if device.type == "cuda" else 0)
     loader = td.loader(step, num_workers, cfg.packed, cfg.max_length, cfg.seed, device.type == "cuda")
-    batches = iter(loader)
     metrics = Metrics(output, total, step, rank, world, device, path_params(engine.module, trainable),
                       peak_flops(device, cfg.peak_tflops), cfg.tensorboard, cfg.progress, cfg.log_every)
     settings = dict(cfg.to_dict(), world_size=world, precision="bf16" if bf16 else "fp32",
                     total_steps=total, warmup_steps=warm, started_from=source)
-    result = TrainResult(output=output, steps=step)
-    last_saved = None
-    engine.train()
-    try:
-        while step < stop:
-            t0 = time.perf_counter()
-            lr = engine.get_lr()[0]
-            micro = [next(batches) for _ in range(cfg.grad_accum)]
-            local = [0.0, 0.0, 0.0, 0.0]  # answer tokens, LLM tokens, samples, skipped
-            for b in micro:
-                answer, seen = batch_counts(b)
-                local[0] += answer
-                local[1] += seen
-                local[2] += b.pop("_samples")
-                local[3] += b.pop("_skipped")
-            answer_tokens, tokens, samples, skipped = _all_reduce_sum(local, device)
-            scale = world / max(answer_tokens, 1.0)
-            loss_sum = torch.zeros((), dtype=torch.float64, device=device)
-            for b in micro:
-                b = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in b.items()}
-                anchor = branch_anchor(engine.module)
-                out = engine(**b)
-                if out.n_tokens > 0:
-                    token_loss = out.loss.float() * out.n_tokens
-                else:  # no answer token here: a zero loss that still reaches the LLM
-                    token_loss = out.logits.float().sum() * 0.0
-                engine.backward(token_loss * scale + 0.0 * anchor, scale_wrt_gas=False)
-                engine.step()
-                loss_sum += token_loss.detach().double()
-            loss = _all_reduce_sum([loss_sum.item()], device)[0] / max(answer_tokens, 1.0)
-            step += 1
-            counters["tokens"] += int(tokens)
-            counters["samples"] += int(samples)
-            counters["skipped"] += int(skipped)
-            dt = time.perf_counter() - t0
-            gn = engine.get_global_grad_norm()
-            gn = float(gn) if gn is not None and math.isfinite(float(gn)) else None
-            metrics.step(step, loss, lr, dt, int(tokens), int(samples), int(answer_tokens), int(skipped), gn)
-            result.losses.append((step, loss))
-            if not math.isfinite(loss):
-                raise FloatingPointError(f"step {step}: loss is {loss}")
-            if (cfg.save_every and step % cfg.save_every == 0) or step == stop:
-                state = dict(step=step, sampler=td.batches.sampler_state(step), counters=counters,
-                             world_size=world, global_batch=cfg.global_batch, micro_batch=cfg.micro_batch,
-                             grad_accum=cfg.grad_accum, stage=cfg.stage, seed=cfg.seed, total_steps=total,
-                             lora=cfg.lora, settings=settings)
-                last_saved = ckpt.save_checkpoint(engine, output, step, state, cfg.keep_last, rank, device)
-                metrics.note(f"step {step}: checkpoint {last_saved}")
-    finally:
-        metrics.close()
-        del batches, loader
+    return Run(cfg=cfg, info=info, engine=engine, tokenizer=tokenizer, td=td, loader=loader,
+               batches=iter(loader), metrics=metrics, settings=settings, source=source, total=total,
+               stop=stop, bf16=bf16, step=step, counters=counters, t_start=t_start)
+
+
+def next_micro_batches(run: Run) -> list[dict]:
+    """The micro-batches of this rank for the next optimizer step."""
+    return [next(run.batches) for _ in range(run.cfg.grad_accum)]
+
+
+def train_step(run: Run, micro: list[dict]) -> StepStats:
+    """One optimizer step over this rank's micro-batches: forward, backward, update."""
+    from fastground.train.data import batch_counts
+    engine, device, world = run.engine, run.info.device, run.info.world_size
+    t0 = time.perf_counter()
+    lr = engine.get_lr()[0]
+    local = [0.0, 0.0, 0.0, 0.0]  # answer tokens, LLM tokens, samples, skipped
+    for b in micro:
+        answer, seen = batch_counts(b)
+        local[0] += answer
+        local[1] += seen
+        local[2] += b.pop("_samples")
+        local[3] += b.pop("_skipped")
+    answer_tokens, tokens, samples, skipped = _all_reduce_sum(local, device)
+    scale = world / max(answer_tokens, 1.0)
+    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+    for b in micro:
+        b = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in b.items()}
+        anchor = branch_anchor(engine.module)
+        out = engine(**b)
+        if out.n_tokens > 0:
+            token_loss = out.loss.float() * out.n_tokens
+        else:  # no answer token here: a zero loss that still reaches the LLM
+            token_loss = out.logits.float().sum() * 0.0
+        engine.backward(token_loss * scale + 0.0 * anchor, scale_wrt_gas=False)
+        engine.step()
+        loss_sum += token_loss.detach().double()
+    loss = _all_reduce_sum([loss_sum.item()], device)[0] / max(answer_tokens, 1.0)
+    gn = engine.get_global_grad_norm()
+    gn = float(gn) if gn is not None and math.isfinite(float(gn)) else None
+    return StepStats(loss=loss, lr=lr, seconds=time.perf_counter() - t0, tokens=int(tokens), samples=int(samples),
+                     answer_tokens=int(answer_tokens), skipped=int(skipped), grad_norm=gn)
+
+
+def _save(run: Run) -> str:
+    from fastground.train import checkpoint as ckpt
+    cfg, world = run.cfg, run.info.world_size
+    state = dict(step=run.step, sampler=run.td.batches.sampler_state(run.step), counters=run.counters,
+                 world_size=world, global_batch=cfg.global_batch, micro_batch=cfg.micro_batch,
+                 grad_accum=cfg.grad_accum, stage=cfg.stage, seed=cfg.seed, total_steps=run.total,
+                 lora=cfg.lora, settings=run.settings)
+    return ckpt.save_checkpoint(run.engine, run.output, run.step, state, cfg.keep_last, run.info.rank, run.info.device)
+
+
+def _finish(run: Run, result: TrainResult) -> TrainResult:
+    from fastground.train import checkpoint as ckpt
+    rank, step, total = run.info.rank, run.step, run.total
     result.steps = step
-    result.checkpoint = last_saved
-    if counters["skipped"]:
-        log.warning("%d samples could not be loaded and were skipped (see the warnings above)", counters["skipped"])
+    if run.counters["skipped"]:
+        log.warning("%d samples could not be loaded and were skipped (see the warnings above)", run.counters["skipped"])
     if step < total:
         log.info("stopped after %d of %d steps (--stop-after); continue with --resume", step, total)
     else:
         if rank == 0:
-            result.final = ckpt.export_final(engine.module, tokenizer, output, settings)
+            result.final = ckpt.export_final(run.engine.module, run.tokenizer, run.output, run.settings)
             log.info("final model: %s (GroundingGPT.from_pretrained loads it)", result.final)
         _barrier()
-        result.final = os.path.join(output, "final")
-    result.seconds = time.perf_counter() - t_start
+        result.final = os.path.join(run.output, "final")
+    result.seconds = time.perf_counter() - run.t_start
     if rank == 0 and result.losses:
         log.info("done in %.1fs: loss %.4f at step %d -> %.4f at step %d", result.seconds,
                  result.losses[0][1], result.losses[0][0], result.losses[-1][1], result.losses[-1][0])
     return result
+
+
+def _train(cfg: TrainConfig, info: DistInfo) -> TrainResult:
+    run = build_run(cfg, info)
+    cfg = run.cfg
+    result = TrainResult(output=run.output, steps=run.step)
+    run.engine.train()
+    try:
+        while run.step < run.stop:
+            s = train_step(run, next_micro_batches(run))
+            run.step += 1
+            run.counters["tokens"] += s.tokens
+            run.counters["samples"] += s.samples
+            run.counters["skipped"] += s.skipped
+            run.metrics.step(run.step, s.loss, s.lr, s.seconds, s.tokens, s.samples, s.answer_tokens, s.skipped,
+                             s.grad_norm)
+            result.losses.append((run.step, s.loss))
+            if not math.isfinite(s.loss):
+                raise FloatingPointError(f"step {run.step}: loss is {s.loss}")
+            if (cfg.save_every and run.step % cfg.save_every == 0) or run.step == run.stop:
+                result.checkpoint = _save(run)
+                run.metrics.note(f"step {run.step}: checkpoint {result.checkpoint}")
+    finally:
+        run.metrics.close()
+        run.batches = run.loader = None
+    return _finish(run, result)
 
 
 class ResumeError(ValueError):
