@@ -18,11 +18,12 @@ from torch import nn
 from fastground.fast.adapters import FastLinear, FastMLPAdapter
 from fastground.fast.branches import fast_audio_branch, fast_video_branch
 from fastground.fast.qformer import FastQFormer, to_fast, to_reference
+from fastground.model.branches import fast_swaps
 from fastground.model.qformer import QFormer
 
-QFORMERS = ("Qformer", "video_Qformer", "audio_Qformer")
-PROJECTIONS = ("llama_proj", "audio_llama_proj")
-MLP_ADAPTER = "mm_vision_projector"
+QFORMERS = fast_swaps("qformer")
+PROJECTIONS = fast_swaps("linear")
+(MLP_ADAPTER,) = fast_swaps("mlp_adapter")
 
 
 def _inner(model: nn.Module) -> nn.Module:

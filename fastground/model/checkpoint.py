@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from fastground.config import GroundingGPTConfig
+from fastground.model.branches import weight_files
 
 log = logging.getLogger("fastground")
 
@@ -37,11 +38,7 @@ IGNORED_UNEXPECTED = (
     re.compile(r"model\.audio_encoder\.modality_\w+\.(vision|text|depth|thermal|imu)\..*"),
     re.compile(r"model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq"),
 )
-ENCODER_FILES = {
-    "eva_path": ("model.visual_encoder.",),
-    "qformer_path": ("model.Qformer.", "model.query_tokens", "model.ln_vision."),
-    "imagebind_path": ("model.audio_encoder.",),
-}
+ENCODER_FILES = weight_files()  # keyword -> key prefixes, from the table of parts
 
 
 def release_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -184,10 +181,9 @@ def load_pretrained(cls, path: str, vision_tower_path: str | None = None, eva_pa
         log.info("%s: ignored %d keys of unused modules (e.g. %s)", path, len(ignored), ignored[0])
     _load_encoder_files(model, missing, files)
     _materialize_leftovers(model, path)
-    from fastground.model.groundinggpt import FROZEN_ENCODERS
-    for enc in FROZEN_ENCODERS:
+    from fastground.model.groundinggpt import FROZEN_ENCODERS, FROZEN_PARAMS
+    for enc in FROZEN_ENCODERS + FROZEN_PARAMS:
         getattr(model.model, enc).requires_grad_(False)
-    model.model.query_tokens.requires_grad_(False)
     if dtype is not None:
         model.to(dtype)
     return model.eval()  # as transformers' from_pretrained: inference unless train() is called

@@ -15,13 +15,14 @@ from transformers import CLIPVisionConfig, CLIPVisionModel, LlamaModel
 
 from fastground.config import GroundingGPTConfig
 from fastground.model.backbone import announce_backend, llama_config
+from fastground.model.branches import frozen_modules, frozen_parameters
 from fastground.model.eva_vit import EVAVisionTransformer
 from fastground.model.imagebind_audio import ImageBindAudioEncoder
 from fastground.model.qformer import QFormer, QFormerSpec, init_qformer_weights
 
 # Modules that never train (the release freezes them and keeps them in eval mode).
-FROZEN_ENCODERS = ("vision_tower", "visual_encoder", "ln_vision", "Qformer", "audio_encoder")
-FROZEN_PARAMS = ("query_tokens",)
+FROZEN_ENCODERS = frozen_modules()
+FROZEN_PARAMS = frozen_parameters()
 
 
 def qformer_spec(cfg: GroundingGPTConfig, num_layers: int, encoder_width: int, freq: int) -> QFormerSpec:
@@ -83,7 +84,8 @@ class GroundingGPTModel(LlamaModel):
             init_qformer_weights(q, std)
         for enc in FROZEN_ENCODERS:
             getattr(self, enc).requires_grad_(False)
-        self.query_tokens.requires_grad_(False)
+        for name in FROZEN_PARAMS:
+            getattr(self, name).requires_grad_(False)
 
     def train(self, mode: bool = True):
         super().train(mode)

@@ -3,21 +3,12 @@ from __future__ import annotations
 
 from torch import nn
 
-# The adapters: everything between a frozen encoder and the LLM.
-ADAPTER_PREFIXES = (
-    "model.mm_vision_projector.",
-    "model.video_Qformer.",
-    "model.video_query_tokens",
-    "model.video_frame_position_embedding.",
-    "model.llama_proj.",
-    "model.audio_Qformer.",
-    "model.audio_query_tokens",
-    "model.audio_position_embedding.",
-    "model.audio_llama_proj.",
-)
-LLM_PREFIXES = ("model.embed_tokens.", "model.layers.", "model.norm.", "lm_head.")
-ENCODER_PREFIXES = ("model.vision_tower.", "model.visual_encoder.", "model.ln_vision.", "model.Qformer.",
-                    "model.query_tokens", "model.audio_encoder.")
+from fastground.model.branches import PARTS, parts, prefixes
+
+# Key prefixes by role, from the one table of parts (fastground.model.branches).
+ADAPTER_PREFIXES = prefixes(*parts(role="adapter"))
+LLM_PREFIXES = prefixes(*parts(role="llm"))
+ENCODER_PREFIXES = prefixes(*parts(role="encoder"))
 
 
 def _has_prefix(name: str, prefixes) -> bool:
@@ -51,23 +42,14 @@ def set_stage(model: nn.Module, stage: int) -> dict[str, nn.Parameter]:
 
 def parameter_report(model: nn.Module) -> dict[str, int]:
     """Parameter count per branch, for people sizing a run."""
-    groups = {
-        "backbone (Vicuna)": LLM_PREFIXES,
-        "CLIP ViT-L/14 (image encoder)": ("model.vision_tower.",),
-        "image adapter": ("model.mm_vision_projector.",),
-        "EVA ViT-g (video encoder)": ("model.visual_encoder.", "model.ln_vision."),
-        "BLIP-2 Q-Former (frames)": ("model.Qformer.", "model.query_tokens"),
-        "video Q-Former + PE + llama_proj": ("model.video_Qformer.", "model.video_query_tokens",
-                                              "model.video_frame_position_embedding.", "model.llama_proj."),
-        "ImageBind audio encoder": ("model.audio_encoder.",),
-        "audio Q-Former + PE + proj": ("model.audio_Qformer.", "model.audio_query_tokens",
-                                        "model.audio_position_embedding.", "model.audio_llama_proj."),
-    }
+    groups: dict[str, tuple[str, ...]] = {}
+    for part in sorted(PARTS, key=lambda part: part.role != "llm"):  # the backbone first, then table order
+        groups[part.label] = groups.get(part.label, ()) + prefixes(part)
     out = {k: 0 for k in groups}
     other = 0
     for n, p in model.named_parameters():
-        for g, prefixes in groups.items():
-            if _has_prefix(n, prefixes):
+        for g, group in groups.items():
+            if _has_prefix(n, group):
                 out[g] += p.numel()
                 break
         else:

@@ -44,12 +44,16 @@ def peak_flops(device: torch.device, override_tflops: float | None) -> float | N
     return None
 
 
+class _NONE:
+    name = role = None
+
+
 def path_params(model: torch.nn.Module, trainable: dict) -> int:
     """N of the 6N estimate (see the module docstring)."""
+    from fastground.model.branches import PER_TOKEN_LLM, part_of
     llm = sum(p.numel() for n, p in model.named_parameters()
-              if n.startswith(("model.layers.", "model.norm.", "lm_head.")) and "lora_" not in n)
-    adapters = sum(p.numel() for n, p in trainable.items()
-                   if not n.startswith(("model.layers.", "model.norm.", "lm_head.", "model.embed_tokens.")))
+              if (part_of(n) or _NONE).name in PER_TOKEN_LLM and "lora_" not in n)
+    adapters = sum(p.numel() for n, p in trainable.items() if (part_of(n) or _NONE).role != "llm")
     lora = sum(p.numel() for n, p in trainable.items() if "lora_" in n)
     return llm + adapters + lora
 
