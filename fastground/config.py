@@ -118,6 +118,9 @@ class GroundingGPTConfig:
     fast_path: bool = False  # build Triton-fused Q-Former/adapters directly
     initializer_range: float = 0.02
     preset: str = "groundinggpt-7b"
+    # The conversation template the model was trained with (fastground.data.templates);
+    # None, as in every release checkpoint, means the release's "lego".
+    conversation_template: str | None = None
 
     # ------------------------------------------------------------------ derived
     @property

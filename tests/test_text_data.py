@@ -18,8 +18,8 @@ import torch
 from fastground.config import MEDIA_TOKENS, GroundingGPTConfig
 from fastground.data import packing
 from fastground.data.collate import collate_packed, collate_padded, pack_samples
-from fastground.data.conversation import (IGNORE_INDEX, VICUNA_V1, SampleTooLongError,
-                                          build_prompt, preprocess_v1)
+from fastground.data.conversation import (IGNORE_INDEX, LEGO, VICUNA_V1, SampleTooLongError,
+                                          build_prompt, preprocess, preprocess_lego, preprocess_v1)
 from fastground.data.dataset import GroundingDataset, MixedDataset, SampleError, SchemaError
 from fastground.data.sampler import StageMixSampler
 
@@ -34,7 +34,7 @@ CORPUS = [SYSTEM, "USER: ASSISTANT: \n What is it? a red box Where? [0.1,0.2,0.3
           "one two three four five six seven eight nine ten"]
 
 
-def make_tokenizer():
+def make_tokenizer(corpus=CORPUS):
     """A word-level tokenizer that splits like Llama's sentencepiece: every word carries a
     leading '▁', a trailing space is a token of its own, text after a special token starts a
     new word, and every call adds <s>."""
@@ -45,7 +45,7 @@ def make_tokenizer():
         pre_tokenizers.Split("\n", behavior="isolated"),
         pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always", split=True)])
     words = ["<unk>", "<s>", "</s>"]
-    for line in CORPUS:
+    for line in corpus:
         for w, _ in pre.pre_tokenize_str(line + " "):
             if w not in words:
                 words.append(w)
@@ -90,10 +90,7 @@ def test_vicuna_v1_prompt():
     assert prompt == (SYSTEM + " USER: <image>\nWhat is it? ASSISTANT: a red box</s>"
                       "USER: Where? ASSISTANT: [0.1,0.2,0.3,0.4]</s>")
     # A leading gpt turn is dropped; an open last message leaves "ROLE:" for generation.
-    conv = VICUNA_V1.copy()
-    conv.append_message("USER", "hi")
-    conv.append_message("ASSISTANT", None)
-    assert conv.get_prompt() == SYSTEM + " USER: hi ASSISTANT:"
+    assert VICUNA_V1.prompt([("USER", "hi"), ("ASSISTANT", None)]) == SYSTEM + " USER: hi ASSISTANT:"
     assert build_prompt([{"from": "gpt", "value": "x"}] + TWO_TURNS[:2]) == build_prompt(TWO_TURNS[:2])
 
 
@@ -159,6 +156,183 @@ def test_placeholder_expansion_on_ids(tok, cfg):
 def test_missing_token_ids_is_a_clear_error(tok):
     with pytest.raises(ValueError, match="set_token_ids"):
         preprocess_v1(TWO_TURNS, tok, GroundingGPTConfig.from_preset("tiny"), max_length=None)
+
+
+# ---------------------------------------------------------------------------- lego (the release's)
+LEGO_CORPUS = [LEGO.system, "\n ### Human: Assistant: unknown: What is it? a red box Where? [0.1,0.2,0.3,0.4]",
+               "When does he jump? {0.12,0.48} What sound is this? a dog barks"]
+# The header `{system}\n\n` as the lego test tokenizer splits it (each "\n" a word of its own):
+# <s>, the 23 words of the system prompt, two newlines. Never supervised.
+LEGO_HEADER = ["<s>", "▁A", "▁chat", "▁between", "▁a", "▁curious", "▁human", "▁and", "▁an",
+               "▁artificial", "▁intelligence", "▁assistant.", "▁The", "▁assistant", "▁gives",
+               "▁helpful,", "▁detailed,", "▁and", "▁polite", "▁answers", "▁to", "▁the",
+               "▁human's", "▁questions.", "▁\n", "▁\n"]
+
+
+@pytest.fixture(scope="module")
+def ltok():
+    t = make_tokenizer(LEGO_CORPUS)
+    t.pad_token = t.unk_token  # as the release (and load_tokenizer) set it
+    return t
+
+
+@pytest.fixture(scope="module")
+def lcfg(ltok):
+    c = GroundingGPTConfig.from_preset("tiny")  # records no template: lego
+    c.set_token_ids(ltok)
+    return c
+
+
+def _block(modality, n):
+    short = {"image": "im", "video": "vi", "sound": "so"}[modality]
+    return [f"<{short}_start>"] + [f"<{short}_patch>"] * n + [f"<{short}_end>"]
+
+
+def _check_lego(conversation, tok, cfg, expected, **kw):
+    """expected: (token, supervised) pairs after the header, worked out by hand from the
+    release's arithmetic (lengths of the separately tokenized header and turns, each with its
+    own <s>; human turns ignored from cur+2 to cur+len)."""
+    ids, labels = preprocess(conversation, tok, cfg, max_length=kw.get("max_length", 2048), sample_id="x")
+    want_tokens = LEGO_HEADER + [t for t, _ in expected]
+    assert tok.convert_ids_to_tokens(ids.tolist()) == want_tokens
+    want_labels = [IGNORE_INDEX] * len(LEGO_HEADER) + [
+        tok.convert_tokens_to_ids(t) if sup else IGNORE_INDEX for t, sup in expected]
+    assert labels.tolist() == want_labels
+    return ids, labels
+
+
+def test_lego_one_turn(ltok, lcfg):
+    # Full text: header + "### Human: What is it?\n### Assistant: a red box\n### ".
+    # Lengths: header 26; "### Human: What is it?\n" 7 (<s> + 6); "### Assistant: a red box\n" 7.
+    # cur = 26; human: ignore [28, 33); cur = 33; gpt: cur = 40. Position 32, the
+    # assistant turn's "###", falls in the human turn's range (the per-piece <s> drift).
+    conv = [{"from": "human", "value": "What is it?"}, {"from": "gpt", "value": "a red box"}]
+    _check_lego(conv, ltok, lcfg, [
+        ("▁###", 1), ("▁Human:", 1), ("▁What", 0), ("▁is", 0), ("▁it?", 0), ("▁\n", 0),      # 26-31
+        ("▁###", 0), ("▁Assistant:", 1), ("▁a", 1), ("▁red", 1), ("▁box", 1), ("▁\n", 1),   # 32-37
+        ("▁###", 1), ("▁", 1)])                                                             # 38-39
+    # Templates as data: the same conversation with vicuna_v1 is the other template's text.
+    ids_v1, _ = preprocess(conv, ltok, lcfg, 2048, template="vicuna_v1")
+    ids_lego, _ = preprocess(conv, ltok, lcfg, 2048)
+    assert ids_v1.tolist() != ids_lego.tolist()
+    assert torch.equal(preprocess(conv, ltok, lcfg.replace(conversation_template="vicuna_v1"), 2048)[0], ids_v1)
+
+
+def test_lego_several_turns_with_image(ltok, lcfg):
+    # The placeholder moves first ("<image>\nWhat is it?"); the whitespace around the block is
+    # stripped ("### Human:" then <im_start>; the "\n" after <im_end> is gone).
+    # Lengths: header 26; turn 1: <s> ### Human: + 18 block + What is it? \n = 25;
+    # turn 2: 7; turn 3 "### Human: Where?\n": 5; turn 4: 5.
+    # cur = 26; human: ignore [28, 51); cur = 51; gpt: cur = 58; human: ignore [60, 63);
+    # cur = 63; gpt: cur = 68. The drift reaches into the last answer (positions 60-62).
+    _check_lego(TWO_TURNS, ltok, lcfg, [
+        ("▁###", 1), ("▁Human:", 1)] + [(t, 0) for t in _block("image", 16)] + [       # 26-45
+        ("▁What", 0), ("▁is", 0), ("▁it?", 0), ("▁\n", 0),                            # 46-49
+        ("▁###", 0), ("▁Assistant:", 1), ("▁a", 1), ("▁red", 1), ("▁box", 1), ("▁\n", 1),  # 50-55
+        ("▁###", 1), ("▁Human:", 1), ("▁Where?", 1), ("▁\n", 1),                      # 56-59
+        ("▁###", 0), ("▁Assistant:", 0), ("▁[0.1,0.2,0.3,0.4]", 0), ("▁\n", 1),       # 60-63
+        ("▁###", 1), ("▁", 1)])                                                        # 64-65
+
+
+def test_lego_video_turn(ltok, lcfg):
+    # "<video> When does he jump?" -> "<video>\nWhen does he jump?".
+    # Lengths: 26; <s> ### Human: + 8 block + When does he jump? \n = 16; gpt 5.
+    # cur = 26; human: ignore [28, 42); cur = 42; gpt: cur = 47.
+    conv = [{"from": "human", "value": "<video> When does he jump?"}, {"from": "gpt", "value": "{0.12,0.48}"}]
+    _check_lego(conv, ltok, lcfg, [
+        ("▁###", 1), ("▁Human:", 1)] + [(t, 0) for t in _block("video", 6)] + [        # 26-35
+        ("▁When", 0), ("▁does", 0), ("▁he", 0), ("▁jump?", 0), ("▁\n", 0),            # 36-40
+        ("▁###", 0), ("▁Assistant:", 1), ("▁{0.12,0.48}", 1), ("▁\n", 1),             # 41-44
+        ("▁###", 1), ("▁", 1)])                                                        # 45-46
+
+
+def test_lego_sound_turn(ltok, lcfg):
+    # Lengths: 26; <s> ### Human: + 6 block + What sound is this? \n = 14; gpt 7.
+    # cur = 26; human: ignore [28, 40); cur = 40; gpt: cur = 47.
+    conv = [{"from": "human", "value": "What sound is this? <sound>"}, {"from": "gpt", "value": "a dog barks"}]
+    _check_lego(conv, ltok, lcfg, [
+        ("▁###", 1), ("▁Human:", 1)] + [(t, 0) for t in _block("sound", 4)] + [        # 26-33
+        ("▁What", 0), ("▁sound", 0), ("▁is", 0), ("▁this?", 0), ("▁\n", 0),           # 34-38
+        ("▁###", 0), ("▁Assistant:", 1), ("▁a", 1), ("▁dog", 1), ("▁barks", 1), ("▁\n", 1),  # 39-44
+        ("▁###", 1), ("▁", 1)])                                                        # 45-46
+
+
+def test_lego_media_only_question(ltok, lcfg):
+    # "<image>" alone: the turn's "\n" after <im_end> is stripped away with the whitespace.
+    # Lengths: 26; <s> ### Human: + 18 = 21; gpt 7. cur = 26; ignore [28, 47); cur = 47; 54.
+    conv = [{"from": "human", "value": "<image>"}, {"from": "gpt", "value": "a red box"}]
+    _check_lego(conv, ltok, lcfg, [
+        ("▁###", 1), ("▁Human:", 1)] + [(t, 0) for t in _block("image", 16)] + [       # 26-45
+        ("▁###", 0), ("▁Assistant:", 1), ("▁a", 1), ("▁red", 1), ("▁box", 1), ("▁\n", 1),  # 46-51
+        ("▁###", 1), ("▁", 1)])                                                        # 52-53
+
+
+def test_lego_leading_gpt_turn_is_kept(ltok, lcfg):
+    # Unlike preprocess_v1, the release's preprocess keeps a leading gpt turn, supervised.
+    # Lengths: 26, 7, 7, 7. cur = 26; gpt: 33; human: ignore [35, 40); cur = 40; gpt: 47.
+    conv = [{"from": "gpt", "value": "a red box"}, {"from": "human", "value": "What is it?"},
+            {"from": "gpt", "value": "a red box"}]
+    _check_lego(conv, ltok, lcfg, [
+        ("▁###", 1), ("▁Assistant:", 1), ("▁a", 1), ("▁red", 1), ("▁box", 1), ("▁\n", 1),   # 26-31
+        ("▁###", 1), ("▁Human:", 1), ("▁What", 1), ("▁is", 0), ("▁it?", 0), ("▁\n", 0),     # 32-37
+        ("▁###", 0), ("▁Assistant:", 0), ("▁a", 1), ("▁red", 1), ("▁box", 1), ("▁\n", 1),   # 38-43
+        ("▁###", 1), ("▁", 1)])                                                            # 44-45
+
+
+def test_lego_unknown_speaker(ltok, lcfg):
+    # A speaker other than human/gpt is role "unknown" and, not being "human", supervised;
+    # the masking compares the raw "from" case-sensitively, so "Human" is supervised too.
+    # Lengths: 26, 7, 7, 7. cur = 26; "Human" (not masked): 33; "robot": 40; human: ignore
+    # [42, 47); cur = 47.
+    conv = [{"from": "Human", "value": "What is it?"}, {"from": "robot", "value": "a red box"},
+            {"from": "human", "value": "What is it?"}]
+    _check_lego(conv, ltok, lcfg, [
+        ("▁###", 1), ("▁Human:", 1), ("▁What", 1), ("▁is", 1), ("▁it?", 1), ("▁\n", 1),       # 26-31
+        ("▁###", 1), ("▁unknown:", 1), ("▁a", 1), ("▁red", 1), ("▁box", 1), ("▁\n", 1),      # 32-37
+        ("▁###", 1), ("▁Human:", 1), ("▁What", 1), ("▁is", 1), ("▁it?", 0), ("▁\n", 0),     # 38-43
+        ("▁###", 0), ("▁", 0)])                                                              # 44-45
+
+
+def test_lego_lengths_count_non_pad_tokens(ltok, lcfg):
+    # The release counts a piece's tokens that are not the pad id, and pads with unk: an
+    # unknown word shortens its turn's length by one. Lengths: 26; <s> ### Human: What is
+    # <unk> \n = 7, 6 of them non-pad; gpt 7. cur = 26; ignore [28, 32); cur = 32; gpt: 39.
+    conv = [{"from": "human", "value": "What is zebra?"}, {"from": "gpt", "value": "a red box"}]
+    _check_lego(conv, ltok, lcfg, [
+        ("▁###", 1), ("▁Human:", 1), ("▁What", 0), ("▁is", 0), ("<unk>", 0), ("▁\n", 0),     # 26-31
+        ("▁###", 1), ("▁Assistant:", 1), ("▁a", 1), ("▁red", 1), ("▁box", 1), ("▁\n", 1),   # 32-37
+        ("▁###", 1), ("▁", 1)])                                                            # 38-39
+
+
+def test_lego_truncation_keeps_media_and_cuts_at_answers(ltok, lcfg):
+    full_ids, full_labels = preprocess(TWO_TURNS, ltok, lcfg, max_length=None)
+    assert len(full_ids) == 66
+    # Cut at the end of the last answer that fits: after position 55 (first answer) or 63
+    # (second answer; the final "### " is dropped).
+    for max_length, end in ((56, 56), (60, 56), (63, 56), (64, 64), (65, 64)):
+        ids, labels = preprocess(TWO_TURNS, ltok, lcfg, max_length=max_length)
+        assert len(ids) == end and torch.equal(ids, full_ids[:end]) and torch.equal(labels, full_labels[:end])
+    # Lengths are truncated like the release's pieces, but no piece here is that long.
+    ids, labels = preprocess(TWO_TURNS, ltok, lcfg, max_length=50)
+    assert len(ids) == 50 and _media_block_intact(ids, lcfg) and torch.equal(labels, full_labels[:50])
+    with pytest.raises(SampleTooLongError, match="image block"):
+        preprocess(TWO_TURNS, ltok, lcfg, max_length=45)
+
+
+def test_lego_never_tokenizes_patch_strings(ltok, lcfg):
+    seen = []
+
+    class Spy:
+        bos_token_id = ltok.bos_token_id
+        pad_token_id = ltok.pad_token_id
+
+        def __call__(self, text):
+            seen.append(text)
+            return ltok(text)
+
+    preprocess_lego(TWO_TURNS, Spy(), lcfg, max_length=None)
+    assert seen and not any(t in s for s in seen for t in MEDIA_TOKENS)
+    assert not any(s != s.strip() and "<" in s for s in seen)
 
 
 # ---------------------------------------------------------------------------- truncation
@@ -446,7 +620,7 @@ def test_dataset_items(data_dir, tok, cfg):
     assert items[1]["image"] is items[1]["video"] is items[1]["sound"] is None
     assert items[2]["video"].shape == (3, cfg.num_frames, 56, 56)
     assert items[3]["sound"].shape == (3, 1, 128, 204)
-    want, _ = preprocess_v1(_entry("img", "image", "red.png")["conversations"], tok, cfg, 2048)
+    want, _ = preprocess(_entry("img", "image", "red.png")["conversations"], tok, cfg, 2048)
     assert torch.equal(items[0]["input_ids"], want)
     batch = collate_padded(items, pad_token_id=0)
     assert batch["images"].shape[0] == batch["videos"].shape[0] == batch["sounds"].shape[0] == 1

@@ -1,7 +1,19 @@
-"""The Vicuna v1 conversation template and the release's label masking (`preprocess_v1`).
+"""Conversations -> (input_ids, labels) as the release computes them, for each template of
+the registry (fastground.data.templates): `preprocess` picks the template's masking.
 
-Masking follows the release's arithmetic to the token, including where that arithmetic is
-only right for a Llama (sentencepiece) tokenizer:
+`lego` (the release's `preprocess`, what it trains every stage with). The text is
+`{system}\n\n` + `### {role}: {value}\n` per turn + `### `. Labels are a copy of the ids;
+the header and each turn's string are tokenized SEPARATELY and their lengths (non-pad
+tokens, each with its own BOS) drive the masking: cur = len(header); labels[:cur] ignored;
+per turn, labels[cur+2 : cur+len] ignored when the speaker is "human"; cur += len. So gpt
+turns are supervised with their `### Assistant: ` tag and newline, the first two tokens of
+every human turn and the final `### ` are supervised, and the offsets drift by one token per
+turn (the per-piece BOS). All reproduced as is. A leading gpt turn is kept and supervised; a
+speaker other than human/gpt becomes role "unknown" and is supervised.
+
+`vicuna_v1` (`preprocess_v1`, which the release defines but never calls). Masking follows
+its arithmetic to the token, including where that arithmetic is only right for a Llama
+(sentencepiece) tokenizer:
 
 * the prompt is split into rounds on "</s>"; a round's length is the length of the round's
   text tokenized *with* BOS, the BOS standing in for the "</s>" the split removed;
@@ -15,23 +27,31 @@ only right for a Llama (sentencepiece) tokenizer:
 * the sequence length counted against is the number of tokens that are not the pad id (the
   release pads with the unk token, so unk tokens in the text trigger the mismatch there too).
 
-Media placeholders are normalised as the release does (moved to the front of their message,
-followed by a newline) and expanded on ids rather than as text: the text between placeholders
-is tokenized chunk by chunk, as the release's `tokenizer_image_token` does, and each
-placeholder becomes start + N patch + end ids. The 576 patch tokens of an image never pass
-through the tokenizer.
+Media, both templates: placeholders are normalised as the release does (moved to the front
+of their message, followed by a newline) and expanded on ids rather than as text: the text
+between placeholders is tokenized chunk by chunk, as the release's slow tokenizer and its
+`tokenizer_image_token` do, and each placeholder becomes start + N patch + end ids (the 576
+patch tokens of an image never pass through the tokenizer). For `lego` the whitespace on both
+sides of a media block is stripped first, as the release's slow tokenizer does to tokens
+added with special_tokens=True (`### Human:` is followed directly by the start token; the
+newline after the end token disappears).
 """
 from __future__ import annotations
 
-import dataclasses
 import logging
 import re
-from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 import torch
 
 from fastground.config import PLACEHOLDERS
+from fastground.data.templates import (DEFAULT_TEMPLATE, LEGO, TEMPLATES, VICUNA_V1, Template,
+                                       get_template, template_for, template_name)
+
+__all__ = ["IGNORE_INDEX", "MODALITIES", "ConversationError", "SampleTooLongError", "preprocess",
+           "preprocess_lego", "preprocess_v1", "build_prompt", "lego_text", "normalize_placeholders",
+           "count_placeholders", "truncation_point", "Template", "TEMPLATES", "LEGO", "VICUNA_V1",
+           "DEFAULT_TEMPLATE", "get_template", "template_for", "template_name"]
 
 logger = logging.getLogger(__name__)
 
@@ -57,46 +77,6 @@ class SampleTooLongError(ConversationError):
     """A media block does not fit in max_length, so no truncation can keep the sample valid."""
 
 
-@dataclass
-class Conversation:
-    system: str
-    roles: tuple[str, str]
-    sep: str
-    sep2: str
-    messages: list[list] = field(default_factory=list)
-
-    def copy(self) -> "Conversation":
-        return dataclasses.replace(self, messages=[list(m) for m in self.messages])
-
-    def append_message(self, role: str, message: str | None) -> None:
-        self.messages.append([role, message])
-
-    def get_prompt(self) -> str:
-        # An empty or None message leaves "ROLE:" open for generation, without a separator.
-        seps = (self.sep, self.sep2)
-        out = self.system + seps[0]
-        for i, (role, message) in enumerate(self.messages):
-            if message:
-                out += f"{role}: {message}{seps[i % 2]}"
-            else:
-                out += f"{role}:"
-        return out
-
-    @property
-    def answer_sep(self) -> str:
-        """What precedes every answer; the release splits rounds into question/answer on it."""
-        return f"{self.sep}{self.roles[1]}: "
-
-
-VICUNA_V1 = Conversation(
-    system="A chat between a curious user and an artificial intelligence assistant. "
-    "The assistant gives helpful, detailed, and polite answers to the user's questions.",
-    roles=("USER", "ASSISTANT"),
-    sep=" ",
-    sep2="</s>",
-)
-
-
 def count_placeholders(conversations: Sequence[dict]) -> dict[str, int]:
     counts = dict.fromkeys(MODALITIES, 0)
     for turn in conversations:
@@ -118,9 +98,9 @@ def normalize_placeholders(value: str) -> str:
     return value
 
 
-def build_prompt(conversations: Sequence[dict], template: Conversation = VICUNA_V1,
+def build_prompt(conversations: Sequence[dict], template: Template = VICUNA_V1,
                  sample_id: Any = None) -> str:
-    """The release's prompt: a leading non-human turn is dropped, turns must alternate."""
+    """preprocess_v1's prompt: a leading non-human turn is dropped, turns must alternate."""
     roles = {HUMAN: template.roles[0], GPT: template.roles[1]}
     turns = list(conversations)
     for j, t in enumerate(turns):
@@ -131,8 +111,7 @@ def build_prompt(conversations: Sequence[dict], template: Conversation = VICUNA_
         turns = turns[1:]
     if not turns:
         raise ConversationError("conversation has no human turn", sample_id)
-    conv = template.copy()
-    conv.messages = []
+    messages = []
     has_media = any(_PLACEHOLDER_RE.search(t["value"]) for t in turns)
     for j, t in enumerate(turns):
         role = roles[t["from"]]
@@ -140,9 +119,8 @@ def build_prompt(conversations: Sequence[dict], template: Conversation = VICUNA_
             raise ConversationError(
                 f"turns must alternate human/gpt; turn {j} (after dropping a leading gpt turn) "
                 f"is from {t['from']!r}", sample_id)
-        value = normalize_placeholders(t["value"]) if has_media else t["value"]
-        conv.append_message(role, value)
-    return conv.get_prompt()
+        messages.append((role, normalize_placeholders(t["value"]) if has_media else t["value"]))
+    return template.prompt(messages)
 
 
 def _media_ids(cfg, modality: str) -> list[int]:
@@ -155,12 +133,15 @@ def _media_ids(cfg, modality: str) -> list[int]:
 
 class _Tokenize:
     """Text with placeholders -> ids, as `tokenizer(text).input_ids` would give with each
-    placeholder expanded, chunk-wise like the release's tokenizer_image_token."""
+    placeholder expanded, chunk-wise like the release's slow tokenizer (and its
+    tokenizer_image_token). strip=True also strips the whitespace on both sides of each media
+    block, as the slow tokenizer does around tokens added with special_tokens=True."""
 
-    def __init__(self, tokenizer, cfg):
+    def __init__(self, tokenizer, cfg, strip: bool = False):
         self.tokenizer = tokenizer
         self.blocks = {}
         self.cfg = cfg
+        self.strip = strip
 
     def block(self, modality: str) -> list[int]:
         if modality not in self.blocks:
@@ -169,6 +150,11 @@ class _Tokenize:
 
     def __call__(self, text: str, spans: list | None = None) -> list[int]:
         pieces = _PLACEHOLDER_RE.split(text)
+        if self.strip and len(pieces) > 1:
+            # Text pieces sit at even indices, each between two placeholders (or an end).
+            last = len(pieces) - 1
+            pieces = [p if k % 2 else (p.lstrip() if k > 0 else p) for k, p in enumerate(pieces)]
+            pieces = [p if k % 2 or k == last else p.rstrip() for k, p in enumerate(pieces)]
         bos = self.tokenizer.bos_token_id
         first = self.tokenizer(pieces[0]).input_ids
         # Later chunks lose their BOS only when the first chunk got one (tokenizer_image_token).
@@ -179,12 +165,97 @@ class _Tokenize:
             if spans is not None:
                 spans.append((len(ids), len(ids) + len(block), _PLACEHOLDER_TO_MODALITY[pieces[k]]))
             ids.extend(block)
-            ids.extend(self.tokenizer(pieces[k + 1]).input_ids[offset:])
+            if pieces[k + 1]:
+                ids.extend(self.tokenizer(pieces[k + 1]).input_ids[offset:])
         return ids
 
 
+def tokenize_prompt(text: str, tokenizer, cfg, template: Template | str | None = None,
+                    training: bool = False) -> list[int]:
+    """Prompt text with placeholders -> ids, media expanded. Training tokenization strips the
+    whitespace around media blocks where the template's release did (lego); inference keeps
+    it (the release's demo tokenizer does not strip)."""
+    strip = training and get_template(template).strip_media_whitespace
+    return _Tokenize(tokenizer, cfg, strip=strip)(text)
+
+
+def preprocess(conversations: Sequence[dict], tokenizer, cfg, max_length: int | None,
+               sample_id: Any = None, template: Template | str | None = None):
+    """One LLaVA-style conversation -> (input_ids, labels) with `template`'s masking; by
+    default the template `cfg` records (lego when it records none)."""
+    t = template_for(cfg) if template is None else get_template(template)
+    fn = {"lego": preprocess_lego, "vicuna_v1": preprocess_v1}[t.masking]
+    return fn(conversations, tokenizer, cfg, max_length, sample_id=sample_id, template=t)
+
+
+def lego_text(conversations: Sequence[dict], template: Template = LEGO,
+              sample_id: Any = None) -> tuple[str, list[str], list[str]]:
+    """(full text, [header, turn strings...], speakers) of the release's `preprocess`,
+    placeholders moved to the front of their message and left as text."""
+    turns = list(conversations)
+    if not turns:
+        raise ConversationError("conversation has no turns", sample_id)
+    for j, t in enumerate(turns):
+        if not isinstance(t, dict) or not isinstance(t.get("from"), str) or not isinstance(t.get("value"), str):
+            raise ConversationError(f"turn {j} must be {{'from': str, 'value': str}}, got {t!r:.200}", sample_id)
+    header = template.system + template.header_end
+    pieces, speakers = [header], []
+    for t in turns:
+        speaker = t["from"]
+        role = {HUMAN: template.roles[0], GPT: template.roles[1]}.get(speaker.lower(), template.unknown_role)
+        pieces.append(template.turn_begin + role + ": " + normalize_placeholders(t["value"]) + template.turn_end)
+        speakers.append(speaker)
+    return "".join(pieces) + template.turn_begin, pieces, speakers
+
+
+def _count(ids: list[int], pad: int | None, max_length: int | None) -> int:
+    """The release's length of a piece: non-pad tokens of its (truncated) tokenization."""
+    if max_length is not None:
+        ids = ids[:max_length]
+    return len(ids) if pad is None else sum(1 for i in ids if i != pad)
+
+
+def preprocess_lego(conversations: Sequence[dict], tokenizer, cfg, max_length: int | None,
+                    sample_id: Any = None, template: Template = LEGO):
+    """The release's `preprocess` (module docstring): (input_ids, labels), 1-D long tensors.
+
+    Too long: cut at the end of the last non-human turn that fits and holds every media block,
+    else at max_length (text after the last media block is shortened); labels keep the
+    arithmetic of the whole conversation. The release cuts at max_length wherever it falls,
+    also inside a media block, which its embedding splice cannot take; a media block that
+    ends past max_length raises SampleTooLongError naming the sample.
+    """
+    text, pieces, speakers = lego_text(conversations, template, sample_id)
+    tok = _Tokenize(tokenizer, cfg, strip=template.strip_media_whitespace)
+    spans: list = []
+    ids = tok(text, spans)
+    input_ids = torch.tensor(ids, dtype=torch.long)
+    labels = input_ids.clone()
+    pad = tokenizer.pad_token_id
+    lens = [_count(tok(p), pad, max_length) for p in pieces]
+    cur = lens[0]
+    labels[:cur] = IGNORE_INDEX
+    for n, speaker in zip(lens[1:], speakers):
+        if speaker == HUMAN:  # case-sensitive, as released: "Human" is supervised
+            labels[cur + 2:cur + n] = IGNORE_INDEX
+        cur += n
+
+    if max_length is not None and len(ids) > max_length:
+        ends = []
+        prefix = pieces[0]
+        for piece, speaker in zip(pieces[1:], speakers):
+            prefix += piece
+            if speaker != HUMAN:
+                head = tok(prefix)
+                if ids[:len(head)] == head:  # a clean token boundary
+                    ends.append(len(head))
+        cut = truncation_point(len(ids), spans, ends, max_length, sample_id)
+        input_ids, labels = input_ids[:cut], labels[:cut]
+    return input_ids, labels
+
+
 def preprocess_v1(conversations: Sequence[dict], tokenizer, cfg, max_length: int | None,
-                  sample_id: Any = None, template: Conversation = VICUNA_V1):
+                  sample_id: Any = None, template: Template = VICUNA_V1):
     """One LLaVA-style conversation -> (input_ids, labels), 1-D long tensors.
 
     Labels are IGNORE_INDEX except on the answers (and their closing "</s>"), computed as the

@@ -16,7 +16,7 @@ from typing import Any, Callable, Sequence
 
 from fastground.config import PLACEHOLDERS
 from fastground.data.conversation import (GPT, HUMAN, MODALITIES, ConversationError,
-                                          SampleTooLongError, count_placeholders, preprocess_v1)
+                                          SampleTooLongError, count_placeholders, preprocess)
 
 logger = logging.getLogger(__name__)
 
@@ -277,8 +277,9 @@ class GroundingDataset:
         if problem is not None:
             raise SchemaError(problem, **where)
         try:
-            input_ids, labels = preprocess_v1(entry["conversations"], self.tokenizer, self.cfg,
-                                              self.max_length, sample_id=sid)
+            # The template the model config records (lego when none): fastground.data.templates.
+            input_ids, labels = preprocess(entry["conversations"], self.tokenizer, self.cfg,
+                                           self.max_length, sample_id=sid)
         except SampleTooLongError as e:
             raise SampleError(e.problem, **where) from e
         except ConversationError as e:
