@@ -94,7 +94,6 @@ class GroundingGPTConfig:
     num_audio_clips: int = 3
     audio_clip_seconds: float = 2.0
     sound_token_len: int = 8
-    audio_position_embeddings: int = 8
     audio_qformer_layers: int = 2
     # The release calls audio_encoder.eval() once but, unlike EVA and the frame Q-Former,
     # does not pin it there, so the trainer's model.train() re-enables ImageBind's
@@ -130,6 +129,12 @@ class GroundingGPTConfig:
     @property
     def head_dim(self) -> int:
         return self.hidden_size // self.num_attention_heads
+
+    @property
+    def audio_position_embeddings(self) -> int:
+        """Rows of `audio_position_embedding` (one per clip index): the release sizes the
+        table by sound_token_len (Embedding(sound_token_len, 1024), 8 in the release)."""
+        return self.sound_token_len
 
     def media_token_len(self, modality: str) -> int:
         return {"image": self.image_token_len, "video": self.video_token_len,

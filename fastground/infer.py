@@ -95,6 +95,9 @@ def _validate(ap: argparse.ArgumentParser, args) -> None:
         folder = os.path.dirname(os.path.abspath(args.out))
         if not os.path.isdir(folder):
             ap.error(f"--out {args.out}: folder {folder} does not exist")
+    from fastground.infer_checks import check_inputs, check_prompt_fits
+    check_inputs(ap.error, args.question or "", {m: getattr(args, m) for m in ("image", "video", "sound")}, args.out)
+    check_prompt_fits(ap.error, args)
 
 
 def _load_media(modality, path, cfg) -> dict:

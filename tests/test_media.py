@@ -471,10 +471,14 @@ def test_audio_errors(tmp_path, demo, truth, cfg):
     offset = tmp_path / "offset.wav"
     _write_wav(offset, np.full(48000, 3000))
     cases = [(tmp_path / "missing.wav", "file not found"), (cut, "truncated"),
-             (junk, "not a readable audio"), (zero, "zero-length"), (silent, "silent"),
-             (offset, "silent"), (short, "too short")]
+             (junk, "not a readable audio"), (zero, "zero-length"), (short, "too short")]
     for loader in (A.load_audio, A.dali_audio_features) if _HAVE_DALI else (A.load_audio,):
         for p, word in cases:
             with pytest.raises(MediaError) as ei:
                 loader(p, cfg, sample_id=42)
             assert_media_error(ei, p, word, sample_id=42)
+    # Silence is data, as in the release (features of the log floor; issue 13), not an error.
+    for p in (silent, offset):
+        x = A.load_audio(p, cfg, sample_id=42)
+        assert x.shape == (cfg.num_audio_clips, 1, cfg.audio_num_mel_bins, cfg.audio_target_len)
+        assert bool(torch.isfinite(x).all())

@@ -29,9 +29,16 @@ The release feeds ImageBind's audio trunk through ImageBind's
 
 Inputs the model must not see are errors (MediaError naming the sample, the file and the
 problem): missing, unreadable or truncated files, zero-length audio, audio shorter than
-one 25 ms window, non-finite samples, and audio whose fbank channel is digital silence
-(peak around its mean below one 16-bit step; a constant offset counts as silence, the
-mean removals take it away), which would give features made only of the log floor.
+one 25 ms window and non-finite samples. Digital silence (peak around its mean below one
+16-bit step in the fbank channel, e.g. a silent channel 0 of a stereo file) is processed
+as the release does (features of the log floor) with one warning per file.
+
+Memory: `load_audio` keeps only the samples its clips read (at most 3 x 2 s, plus the
+resampling filter's reach), whatever the file's length. It decodes the stream frame by
+frame and copies the needed spans out (a compressed file whose header does not know its
+exact length is decoded twice: once to count, once to copy); each span is resampled on its
+own, aligned to the resampler's polyphase blocks, so the values equal resampling the
+whole file (`load_audio(..., spans_only=False)` is that reference).
 
 `dali_audio_features` computes the same features with NVIDIA DALI: `fn.decoders.audio`,
 then `fn.preemphasis_filter`, `fn.spectrogram`, `fn.mel_filter_bank` (HTK formula), log,
@@ -66,7 +73,7 @@ __all__ = [
     "SAMPLE_RATE", "FBANK_MEAN", "FBANK_STD", "SILENCE_PEAK",
     "DALI_LOW_BINS", "DALI_MAX_ABS_DIFF", "DALI_MAX_ABS_DIFF_HIGH_BINS", "DALI_MEAN_ABS_DIFF",
     "decode_audio", "resample", "clip_bounds", "place_clips", "mel_banks", "kaldi_fbank",
-    "fbank_to_input", "waveform_to_features", "load_audio", "dali_audio_features",
+    "fbank_to_input", "waveform_to_features", "load_audio", "decode_clip_spans", "dali_audio_features",
 ]
 
 log = logging.getLogger(__name__)
@@ -400,8 +407,15 @@ def _prepare(wave: np.ndarray, sr: int, path: str, sample_id: Any) -> torch.Tens
     return resample(w, sr, SAMPLE_RATE)
 
 
-def _check_signal(w: torch.Tensor, channels: str, path: str, sample_id: Any) -> None:
-    n = w.shape[1]
+_QUIET_WARNED: set = set()
+
+
+def _check_signal(w: torch.Tensor, channels: str, path: str, sample_id: Any, n_total: int | None = None) -> None:
+    """Refuses what the model must not see (too short, non-finite); warns about silence.
+
+    `w` is the 16 kHz audio the clips read (all of it, or only the clip spans);
+    `n_total` its full length when `w` holds spans only."""
+    n = w.shape[1] if n_total is None else n_total
     if n < _WINDOW_SAMPLES:
         raise MediaError(path, f"audio too short: {n} samples at {SAMPLE_RATE} Hz "
                                f"({1000 * n / SAMPLE_RATE:.1f} ms), one 25 ms fbank frame "
@@ -410,12 +424,15 @@ def _check_signal(w: torch.Tensor, channels: str, path: str, sample_id: Any) -> 
         raise MediaError(path, "corrupt audio: non-finite (NaN or inf) samples", sample_id)
     seen = w.mean(0) if channels == "mix" else w[0]
     # Peak around the mean: a constant offset is silence too once the clip means and the
-    # per-frame DC removal have taken it away.
-    peak = float((seen - seen.mean()).abs().max())
-    if peak < SILENCE_PEAK:
+    # per-frame DC removal have taken it away. The release turns silence into features
+    # (the log floor), so it is data, not an error: say so once per file.
+    peak = float((seen - seen.mean()).abs().max()) if seen.numel() else 0.0
+    if peak < SILENCE_PEAK and path not in _QUIET_WARNED:
+        _QUIET_WARNED.add(path)
         which = "audio" if channels == "mix" or w.shape[0] == 1 else "channel 0 (the fbank channel)"
-        raise MediaError(path, f"silent audio: {which} has peak amplitude {peak:.3g} around "
-                               f"its mean, below one 16-bit step", sample_id)
+        who = f"sample {sample_id}: " if sample_id is not None else ""
+        log.warning("%s%s: silent audio (%s has peak amplitude %.3g around its mean, below one 16-bit "
+                    "step): its features are the log floor, as in the release", who, path, which, peak)
 
 
 def waveform_to_features(w: torch.Tensor, cfg, channels: str = "release") -> torch.Tensor:
@@ -431,14 +448,161 @@ def waveform_to_features(w: torch.Tensor, cfg, channels: str = "release") -> tor
     return torch.stack(out)
 
 
-def load_audio(path: Any, cfg, sample_id: Any = None, channels: str = "release") -> torch.Tensor:
+def load_audio(path: Any, cfg, sample_id: Any = None, channels: str = "release",
+               spans_only: bool = True) -> torch.Tensor:
     """Audio file -> FloatTensor (cfg.num_audio_clips, 1, cfg.audio_num_mel_bins,
-    cfg.audio_target_len), the release's ImageBind input."""
+    cfg.audio_target_len), the release's ImageBind input. `spans_only=False` decodes and
+    resamples the whole file first (the reference the span path must equal)."""
     path = _fspath(path)
+    if not spans_only:
+        wave, sr = decode_audio(path, sample_id)
+        w = _prepare(wave, sr, path, sample_id)
+        _check_signal(w, channels, path, sample_id)
+        return waveform_to_features(w, cfg, channels)
+    n16, segments, bounds = decode_clip_spans(path, cfg, sample_id)
+    _check_signal(torch.cat([seg for _, seg in segments], dim=1), channels, path, sample_id, n_total=n16)
+    out = []
+    for start, seg in segments:
+        mine = [(a - start, b - start) for a, b in bounds if start <= a and b <= start + seg.shape[1]]
+        for clip in place_clips(seg, mine, channels):
+            feats = kaldi_fbank(clip, sample_rate=SAMPLE_RATE, num_mel_bins=int(cfg.audio_num_mel_bins),
+                                frame_length=25.0, frame_shift=10.0, window="hanning", dither=0.0,
+                                htk_compat=True, use_energy=False)
+            out.append(fbank_to_input(feats, int(cfg.audio_target_len)))
+    return torch.stack(out)
+
+
+def _merge(bounds: Sequence[tuple[int, int]]) -> list[tuple[int, int]]:
+    """Union of [a, b) ranges as disjoint ranges, in order; overlapping clips share one
+    (the release's in-place mean removal runs across their overlap)."""
+    merged: list[list[int]] = []
+    for a, b in sorted(bounds):
+        if merged and a <= merged[-1][1]:
+            merged[-1][1] = max(merged[-1][1], b)
+        else:
+            merged.append([a, b])
+    return [(a, b) for a, b in merged]
+
+
+def _count_samples(path: str, sample_id: Any) -> int:
+    import av
+
+    n = 0
+    try:
+        with av.open(path) as c:
+            for frame in c.decode(c.streams.audio[0]):
+                n += frame.samples
+    except av.error.FFmpegError as e:
+        raise MediaError(path, f"corrupt audio: decoding failed ({e})", sample_id) from None
+    return n
+
+
+def decode_clip_spans(path: str, cfg, sample_id: Any = None):
+    """(n16, [(start, (channels, m) 16 kHz float32 segment)], clip bounds) for the clips of
+    `cfg`: only the samples the clips read are ever held."""
+    import av
+
+    _check_file(path, sample_id)
+    _check_wav_complete(path, sample_id)
+    try:
+        container = av.open(path)
+    except av.error.FFmpegError as e:
+        raise MediaError(path, f"not a readable audio file ({e})", sample_id) from None
+    try:
+        if not container.streams.audio:
+            raise MediaError(path, "no audio stream in the file", sample_id)
+        stream = container.streams.audio[0]
+        sr = int(stream.codec_context.sample_rate or 0)
+        if sr <= 0:
+            raise MediaError(path, "audio stream has no sample rate", sample_id)
+        declared = _declared_samples(stream)
+    finally:
+        container.close()
+    n_src = declared if declared is not None else _count_samples(path, sample_id)
+    if sr == SAMPLE_RATE:
+        orig = new = 1
+        pad = 0
+    else:
+        g = math.gcd(sr, SAMPLE_RATE)
+        orig, new = sr // g, SAMPLE_RATE // g
+        pad = _sinc_kernels(orig, new, 6, 0.99, torch.float32)[1]
+
+    def n16_of(n):
+        return n if sr == SAMPLE_RATE else math.ceil(new * n / orig)
+
+    def plan(n):
+        n16 = n16_of(n)
+        bounds = clip_bounds(n16, SAMPLE_RATE, float(cfg.audio_clip_seconds), int(cfg.num_audio_clips))
+        spans = []  # (16 kHz range, source range)
+        for a, b in _merge([bd for bd in bounds if bd[1] > bd[0]]):
+            if sr == SAMPLE_RATE:
+                spans.append(((a, b), (a, b)))
+                continue
+            b0, b1 = a // new, (b - 1) // new  # polyphase blocks of the outputs needed
+            k = -(-pad // orig)
+            s0 = max(0, (b0 - k) * orig)
+            s1 = min(n, (b1 + 1 + k) * orig + pad)
+            spans.append(((a, b), (s0, s1)))
+        return n16, bounds, spans
+
+    n16, bounds, spans = plan(n_src)
+    bufs = [None] * len(spans)
+    pos = 0
+    channels = None
+    container = av.open(path)
+    try:
+        for frame in container.decode(container.streams.audio[0]):
+            m = frame.samples
+            lo, hi = pos, pos + m
+            pos = hi
+            if not any(s0 < hi and lo < s1 for _, (s0, s1) in spans):
+                continue
+            arr = _frame_to_planar(frame)
+            channels = channels or arr.shape[0]
+            for i, (_, (s0, s1)) in enumerate(spans):
+                if s0 < hi and lo < s1:
+                    if bufs[i] is None:
+                        bufs[i] = np.zeros((arr.shape[0], s1 - s0), np.float32)
+                    x0, x1 = max(s0, lo), min(s1, hi)
+                    bufs[i][:, x0 - s0:x1 - s0] = arr[:, x0 - lo:x1 - lo]
+    except av.error.FFmpegError as e:
+        raise MediaError(path, f"corrupt audio: decoding failed ({e})", sample_id) from None
+    finally:
+        container.close()
+    if pos == 0:
+        raise MediaError(path, "zero-length audio (no samples)", sample_id)
+    if declared is not None and pos + max(1, sr // 1000) < declared:
+        raise MediaError(path, f"truncated audio: header declares {declared} samples, "
+                               f"the file holds {pos}", sample_id)
+    if pos != n_src:
+        # The header was off by a few samples: plan again from the true length (rare; the
+        # file is short enough that the second pass costs little).
+        return _decode_clip_spans_exact(path, cfg, sample_id, pos, plan)
+    segments = []
+    for ((a, b), (s0, s1)), buf in zip(spans, bufs):
+        if buf is None:
+            buf = np.zeros((channels or 1, s1 - s0), np.float32)
+        w = torch.from_numpy(buf)
+        if sr != SAMPLE_RATE:
+            first = (s0 // orig) * new  # 16 kHz index of the segment's first output
+            w = resample(w, sr, SAMPLE_RATE)[:, a - first:b - first]
+        segments.append((a, w))
+    return n16, segments, bounds
+
+
+def _decode_clip_spans_exact(path, cfg, sample_id, n_src, plan):
+    n16, bounds, spans = plan(n_src)
     wave, sr = decode_audio(path, sample_id)
-    w = _prepare(wave, sr, path, sample_id)
-    _check_signal(w, channels, path, sample_id)
-    return waveform_to_features(w, cfg, channels)
+    segments = []
+    for (a, b), (s0, s1) in spans:
+        w = torch.from_numpy(np.ascontiguousarray(wave[:, s0:s1], dtype=np.float32))
+        if sr != SAMPLE_RATE:
+            g = math.gcd(sr, SAMPLE_RATE)
+            orig, new = sr // g, SAMPLE_RATE // g
+            first = (s0 // orig) * new
+            w = resample(w, sr, SAMPLE_RATE)[:, a - first:b - first]
+        segments.append((a, w))
+    return n16, segments, bounds
 
 
 # ----------------------------------------------------------------------------- DALI

@@ -14,8 +14,10 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
-from fastground.config import PLACEHOLDERS
-from fastground.data.conversation import (GPT, HUMAN, MODALITIES, ConversationError,
+import torch
+
+from fastground.config import MEDIA_TOKENS, PLACEHOLDERS
+from fastground.data.conversation import (GPT, HUMAN, IGNORE_INDEX, MODALITIES, ConversationError,
                                           SampleTooLongError, count_placeholders, preprocess)
 
 logger = logging.getLogger(__name__)
@@ -111,6 +113,13 @@ def validate_entry(entry: Any) -> str | None:
     for m in MODALITIES:
         if m in entry and (not isinstance(entry[m], str) or not entry[m]):
             return f"'{m}' must be a non-empty relative path, got {entry[m]!r:.80}"
+    for j, turn in enumerate(conv):
+        for tok in MEDIA_TOKENS:
+            if tok in turn["value"]:
+                # The tokenizer reads it as the special token itself: a media position with
+                # no media behind it (or a second block) would corrupt the embedding splice.
+                return (f"turn {j} contains the media token {tok!r} as text; write the placeholder "
+                        f"({', '.join(PLACEHOLDERS.values())}) instead, or remove it")
     counts = count_placeholders(conv)
     for m in MODALITIES:
         want = 1 if m in entry else 0
@@ -149,11 +158,14 @@ class GroundingDataset:
     Items: dict(id, input_ids, labels, image (3,S,S) | None, video (3,T,H,W) | None,
     sound (clips,1,128,204) | None).
 
-    In training, a sample that fails (media error, missing file, bad entry, too long) is
-    replaced by the next loadable one and recorded in `bad_samples`; RuntimeError stops the
-    run once more than `max_bad_fraction` of the tries failed (checked after
-    `min_tries_before_check` tries), since a systematic problem (wrong folder, broken decoder)
-    would otherwise train silently on a biased subset. Each DataLoader worker keeps its own
+    In training, a sample that fails (any exception while reading its entry, tokenising its
+    text or decoding its media; no answer token left after truncation; non-finite media
+    features) is replaced by the next loadable one and recorded in `bad_samples` with its id
+    and file; DataError stops the run once more than `max_bad_fraction` of the tries failed
+    (evaluated after every try, success or failure, from `min_tries_before_check` tries on;
+    the trainer checks the whole run's fraction again at each epoch's end), since a
+    systematic problem (wrong folder, broken decoder) would otherwise train silently on a
+    biased subset. Each DataLoader worker keeps its own
     count. `loaders` maps a modality to a replacement loader with the default's signature.
     """
 
@@ -246,12 +258,17 @@ class GroundingDataset:
                 continue
             self.bad_samples.attempts += 1
             try:
-                return self.load(j)
+                sample = self.load(j)
             except SampleError as e:
                 self._bad_indices.add(j)
                 self.bad_samples.add(e.sample_id, str(e))
                 logger.warning("skipping %s", e)
                 self._check_bad_fraction()
+                continue
+            # Evaluated on every sample, not only on failures: a data set whose failures all
+            # came early must still stop once enough tries are in.
+            self._check_bad_fraction()
+            return sample
         raise DataError(f"no sample of the {n} in {', '.join(self.json_paths)} could be loaded; "
                            f"failures: {self.bad_samples.summary()}")
 
@@ -284,6 +301,13 @@ class GroundingDataset:
             raise SampleError(e.problem, **where) from e
         except ConversationError as e:
             raise SchemaError(e.problem, **where) from e
+        except Exception as e:  # the tokenizer rejecting the text, or anything else in it
+            raise SampleError(f"cannot tokenise the conversation ({type(e).__name__}: {e})", **where) from e
+        if not bool((labels != IGNORE_INDEX).any()):
+            cut = self.max_length is not None and len(input_ids) >= self.max_length
+            raise SampleError(
+                f"no answer token left after truncation to max_length={self.max_length}" if cut
+                else "no answer token to learn from (every answer is empty)", **where)
 
         out = {"id": sid, "input_ids": input_ids, "labels": labels,
                "image": None, "video": None, "sound": None}
@@ -300,6 +324,14 @@ class GroundingDataset:
             except media_errors as e:
                 problem = getattr(e, "problem", None) or f"{type(e).__name__}: {e}"
                 raise SampleError(f"cannot load the {m}: {problem}", media_path=path, **where) from e
+            except Exception as e:  # a decoder bug or an odd file: still this sample's problem
+                raise SampleError(f"cannot load the {m} ({type(e).__name__}: {e})", media_path=path,
+                                  **where) from e
+            x = out[m]
+            if torch.is_tensor(x) and x.is_floating_point() and not bool(torch.isfinite(x).all()):
+                bad = int((~torch.isfinite(x)).sum())
+                raise SampleError(f"the {m} features hold {bad} non-finite value(s) (NaN or inf)",
+                                  media_path=path, **where)
         return out
 
     def _load_media(self, modality: str, path: str, sid: Any):

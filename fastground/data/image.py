@@ -8,7 +8,8 @@ Boxes in the text are relative to that padded square (see `fastground.grounding`
 This is the same arithmetic written with PIL and torch, so no processor has to be
 downloaded; `tests/test_media.py` checks it against transformers' PIL `CLIPImageProcessor`
 built offline. Kept as the release has it: no EXIF rotation, alpha dropped by
-`convert("RGB")` (transparent pixels show their stored colour).
+`convert("RGB")` (transparent pixels show their stored colour). One departure: 16-bit
+grayscale images are scaled to 8 bits, where PIL's conversion would clip them to white.
 """
 from __future__ import annotations
 
@@ -40,7 +41,7 @@ def open_rgb(path: Any, sample_id: Any = None) -> Image.Image:
             # open() only reads the header; load() decodes, which is where a truncated
             # or damaged file shows itself.
             img.load()
-            return img.convert("RGB")
+            return _to_rgb(img)
     except FileNotFoundError:
         raise MediaError(path, "file not found", sample_id) from None
     except IsADirectoryError:
@@ -55,6 +56,20 @@ def open_rgb(path: Any, sample_id: Any = None) -> Image.Image:
         # SyntaxError/EOFError for some PNG damage.
         raise MediaError(path, f"truncated or corrupt image ({type(e).__name__}: {e})",
                          sample_id) from None
+
+
+def _to_rgb(img: Image.Image) -> Image.Image:
+    """RGB of any mode. 16-bit grayscale (PNG, TIFF: modes I;16*, I) is scaled to 8 bits;
+    PIL's convert("RGB") clips it at 255, turning every pixel above 1/256 of full scale white."""
+    if img.mode.startswith("I;16") or img.mode == "I":
+        a = np.asarray(img, dtype=np.float64)
+        top = 65535.0 if img.mode.startswith("I;16") or a.max() > 255 else 255.0
+        a8 = np.clip(np.rint(a * (255.0 / top)), 0, 255).astype(np.uint8)
+        return Image.fromarray(a8, "L").convert("RGB")
+    if img.mode == "F":
+        a8 = np.clip(np.rint(np.asarray(img, dtype=np.float64)), 0, 255).astype(np.uint8)
+        return Image.fromarray(a8, "L").convert("RGB")
+    return img.convert("RGB")
 
 
 def expand2square(img: Image.Image, background: tuple = PAD_COLOR) -> Image.Image:

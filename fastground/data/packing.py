@@ -58,9 +58,51 @@ def _source_path() -> str:
     return os.path.join(os.path.dirname(fastground.csrc.__file__), "packing.cpp")
 
 
+BUILD_TIMEOUT_S = 300.0  # FASTGROUND_BUILD_TIMEOUT overrides; a normal build takes ~30-60 s
+
+
+def _build_dir() -> str:
+    from torch.utils.cpp_extension import _get_build_directory
+
+    return _get_build_directory(_EXT_NAME, verbose=False)
+
+
+def _locked_build(timeout: float):
+    """Build under our own flock with a timeout. torch's own FileBaton (a `lock` file
+    created with O_EXCL) is never released when a build is killed, and every later build
+    then waits forever; while we hold the flock no other fastground build runs, so a `lock`
+    file found then is such a leftover and is removed."""
+    import fcntl
+    import time
+
+    from torch.utils.cpp_extension import load
+
+    build = _build_dir()
+    os.makedirs(build, exist_ok=True)
+    fd = os.open(os.path.join(build, "fastground.build.lock"), os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except OSError:
+                if time.monotonic() >= deadline:
+                    raise TimeoutError(f"another process has been building it for over {timeout:.0f} s "
+                                       f"(lock in {build})") from None
+                time.sleep(0.2)
+        stale = os.path.join(build, "lock")
+        if os.path.exists(stale):
+            os.remove(stale)
+        return load(name=_EXT_NAME, sources=[_source_path()], extra_cflags=["-O3"], verbose=False)
+    finally:
+        os.close(fd)  # releases the flock
+
+
 def load_extension():
     """Build (first call only, cached by torch under its extensions directory) and return the
-    C++ module, or None when it cannot be built or FASTGROUND_NO_CPP=1."""
+    C++ module, or None when it cannot be built, the build lock is held longer than
+    FASTGROUND_BUILD_TIMEOUT seconds, or FASTGROUND_NO_CPP=1."""
     global _ext, _ext_failed
     if os.environ.get("FASTGROUND_NO_CPP", "") not in ("", "0"):
         return None
@@ -69,10 +111,8 @@ def load_extension():
     with _ext_lock:
         if _ext is None and _ext_failed is None:
             try:
-                from torch.utils.cpp_extension import load
-
-                _ext = load(name=_EXT_NAME, sources=[_source_path()], extra_cflags=["-O3"],
-                            verbose=False)
+                timeout = float(os.environ.get("FASTGROUND_BUILD_TIMEOUT", BUILD_TIMEOUT_S))
+                _ext = _locked_build(timeout)
             except Exception as e:  # compiler, ninja or headers missing: the reference still works
                 last = (str(e).strip().splitlines() or [""])[-1]
                 _ext_failed = f"{type(e).__name__}: {last}"

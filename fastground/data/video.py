@@ -274,7 +274,12 @@ class PyAVDecoder(VideoDecoder):
             for n, frame in enumerate(container.decode(stream)):
                 if n in wanted:
                     rgb = frame.reformat(format="rgb24", interpolation=flags).to_ndarray()
-                    img = Image.fromarray(rgb).resize((size, size), Image.BICUBIC, box=box)
+                    fbox = box
+                    if (frame.width, frame.height) != (info.width, info.height):
+                        # The size changed mid-stream: the same region, in this frame's pixels.
+                        sx, sy = frame.width / info.width, frame.height / info.height
+                        fbox = (box[0] * sx, box[1] * sy, box[2] * sx, box[3] * sy)
+                    img = Image.fromarray(rgb).resize((size, size), Image.BICUBIC, box=fbox)
                     got[n] = np.asarray(img)
                 if n >= last:
                     break

@@ -52,13 +52,63 @@ def list_checkpoints(output: str) -> list[tuple[int, str]]:
     return sorted(found)
 
 
+class CheckpointError(RuntimeError):
+    """A checkpoint could not be written (the partial directory is removed) or read."""
+
+
+def checkpoint_problem(path: str) -> str | None:
+    """What makes a checkpoint directory unusable, or None: its state file must parse, and
+    every torch file of DeepSpeed's and of the RNG states must be a complete zip archive
+    (torch.save's format; a truncated or overwritten file fails here, before any model is
+    built)."""
+    import zipfile
+
+    state_file = os.path.join(path, STATE_FILE)
+    try:
+        with open(state_file, encoding="utf-8") as f:
+            state = json.load(f)
+        int(state["step"])
+    except FileNotFoundError:
+        return f"no {STATE_FILE}"
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        return f"{STATE_FILE} is damaged ({type(e).__name__}: {e})"
+    ds = os.path.join(path, DS_TAG)
+    files = []
+    for sub in (ds, os.path.join(path, "rng")):
+        if not os.path.isdir(sub):
+            return f"no {os.path.basename(sub)}/ directory"
+        for root, _, names in os.walk(sub):
+            files += [os.path.join(root, n) for n in names if n.endswith(".pt")]
+    if not any(f.startswith(ds + os.sep) for f in files):
+        return f"no weights under {DS_TAG}/"
+    for f in files:
+        try:
+            with zipfile.ZipFile(f) as z:
+                # The CRC pass reads the file; affordable below 1 GiB, and the central
+                # directory check above catches truncation of bigger ones.
+                if os.path.getsize(f) < 2**30 and z.testzip() is not None:
+                    return f"{os.path.relpath(f, path)} fails its checksum"
+        except (OSError, zipfile.BadZipFile, EOFError, ValueError) as e:
+            return f"{os.path.relpath(f, path)} is damaged ({e})"
+    return None
+
+
 def find_resume_checkpoint(spec: str, output: str) -> str | None:
+    """The checkpoint `--resume spec` continues from. "latest": the newest intact one in
+    `output`; a damaged newer one is skipped with a warning naming what is wrong."""
     if spec != "latest":
         if not os.path.isfile(os.path.join(spec, STATE_FILE)):
             raise ValueError(f"--resume {spec}: not a complete checkpoint (no {STATE_FILE})")
+        problem = checkpoint_problem(spec)
+        if problem:
+            raise ValueError(f"--resume {spec}: the checkpoint is damaged: {problem}")
         return spec
-    found = list_checkpoints(output)
-    return found[-1][1] if found else None
+    for _, path in reversed(list_checkpoints(output)):
+        problem = checkpoint_problem(path)
+        if problem is None:
+            return path
+        log.warning("%s is damaged (%s); falling back to the previous checkpoint", path, problem)
+    return None
 
 
 def _barrier() -> None:
@@ -81,25 +131,66 @@ def set_rng_state(state: dict, device: torch.device) -> None:
         torch.cuda.set_rng_state(state["cuda"], device)
 
 
+def _failure_cause(e: BaseException, output: str) -> str:
+    """Why a write failed, in words: a full disk says so (torch's C++ writer reports it as
+    "basic_ios::clear: iostream error", with no errno)."""
+    import errno
+
+    free = None
+    try:
+        free = shutil.disk_usage(output).free
+    except OSError:
+        pass
+    seen, x = [], e
+    while x is not None and len(seen) < 8:
+        seen.append(x)
+        x = x.__cause__ or x.__context__
+    full = any(isinstance(x, OSError) and x.errno in (errno.ENOSPC, errno.EDQUOT) for x in seen) or \
+        any("No space left" in str(x) for x in seen) or (free is not None and free < 64 * 2**20)
+    what = f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}".rstrip(": ")
+    if full:
+        where = f" ({free / 2**20:.0f} MiB free)" if free is not None else ""
+        return f"the disk is full{where}: {what}"
+    return what
+
+
 def save_checkpoint(engine, output: str, step: int, trainer_state: dict, keep_last: int,
                     rank: int, device: torch.device) -> str:
-    """Collective: every rank calls it."""
+    """Collective: every rank calls it. A failed write removes the partial directory and
+    raises CheckpointError naming the cause; the previous checkpoints stay as they were."""
+    from fastground.train import output_dir
+
     final = os.path.join(output, checkpoint_name(step))
     tmp = os.path.join(output, "." + checkpoint_name(step) + ".tmp")
-    if rank == 0:
+    try:
+        if rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+            os.makedirs(os.path.join(tmp, "rng"), exist_ok=True)
+        _barrier()
+        engine.save_checkpoint(tmp, tag=DS_TAG, save_latest=False, exclude_frozen_parameters=True)
+        torch.save(rng_state(device), os.path.join(tmp, "rng", f"rank{rank}.pt"))
+        if rank == 0:
+            with open(os.path.join(tmp, STATE_FILE), "w", encoding="utf-8") as f:
+                json.dump(trainer_state, f, indent=2, sort_keys=True)
+                f.flush()
+                os.fsync(f.fileno())
+    except Exception as e:
+        cause = _failure_cause(e, output)
         shutil.rmtree(tmp, ignore_errors=True)
-        os.makedirs(os.path.join(tmp, "rng"), exist_ok=True)
-    _barrier()
-    engine.save_checkpoint(tmp, tag=DS_TAG, save_latest=False, exclude_frozen_parameters=True)
-    torch.save(rng_state(device), os.path.join(tmp, "rng", f"rank{rank}.pt"))
-    if rank == 0:
-        with open(os.path.join(tmp, STATE_FILE), "w", encoding="utf-8") as f:
-            json.dump(trainer_state, f, indent=2, sort_keys=True)
+        raise CheckpointError(f"writing checkpoint {final} failed, partial files removed; "
+                              f"the previous checkpoints are intact. Cause: {cause}") from e
     _barrier()
     if rank == 0:
-        if os.path.exists(final):
-            shutil.rmtree(final)
+        stale = None
+        if os.path.exists(final):  # same step of an earlier run: set aside, removed once replaced
+            stale = final + ".replaced"
+            shutil.rmtree(stale, ignore_errors=True)
+            os.replace(final, stale)
         os.replace(tmp, final)
+        if stale:
+            shutil.rmtree(stale, ignore_errors=True)
+        # The earlier run's checkpoints go only now that this run has one of its own.
+        output_dir.drop_earlier_run(output, keep={os.path.abspath(final)})
         for _, old in list_checkpoints(output)[:-keep_last]:
             shutil.rmtree(old, ignore_errors=True)
     _barrier()

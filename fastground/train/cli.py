@@ -200,6 +200,8 @@ def validate(cfg: TrainConfig, world_size: int) -> TrainConfig:
         raise ConfigError(f"--preset {cfg.preset!r} is unknown; choose one of {', '.join(sorted(PRESETS))}")
     if cfg.resume is not None and cfg.resume != "latest" and not os.path.isdir(cfg.resume):
         raise ConfigError(f"--resume: checkpoint directory not found: {cfg.resume}")
+    from fastground.train.guards import check_settings
+    check_settings(cfg)  # finite numbers in range, optional packages, DeepSpeed JSON types
     if cfg.deepspeed_config is not None:
         from fastground.train.engine import check_user_deepspeed_config
         check_user_deepspeed_config(cfg.deepspeed_config)
@@ -212,18 +214,38 @@ def validate(cfg: TrainConfig, world_size: int) -> TrainConfig:
     return resolved
 
 
+def rank_from_env() -> int:
+    for var in ("RANK", "OMPI_COMM_WORLD_RANK", "PMI_RANK"):
+        v = os.environ.get(var)
+        if v and v.isdigit():
+            return int(v)
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    from fastground.train import guards, output_dir
+    lock = None
     try:
         cfg = parse_config(argv)
-    except ConfigError as e:
+        world, rank = world_size_from_env(), rank_from_env()
+        guards.preflight(cfg, world, rank)
+        if rank == 0:
+            # Last of the checks, since it creates the output directory.
+            output_dir.new_run_id()
+            lock = output_dir.acquire(cfg.output_dir())
+    except (ConfigError, output_dir.OutputBusyError) as e:
         print(f"{PROG}: error: {e}", file=sys.stderr)
         return 2
     from fastground.data.dataset import DataError
+    from fastground.train.checkpoint import CheckpointError
     from fastground.train.engine import ResumeError, train
     try:
         train(cfg)
-    except (DataError, ResumeError) as e:
+    except (DataError, ResumeError, CheckpointError) as e:
         # Expected ways a run can stop on its inputs: one clear line, not a traceback.
         print(f"{PROG}: error: {e}", file=sys.stderr)
         return 1
+    finally:
+        if lock is not None:
+            lock.release()
     return 0

@@ -380,14 +380,11 @@ def _prepare_output(cfg: TrainConfig, rank: int) -> str:
     output = cfg.output_dir()
     if rank == 0:
         os.makedirs(output, exist_ok=True)
+    from fastground.train import output_dir
+    output_dir.begin_run(output)  # the run id of this run's metrics lines
     if cfg.resume is None and rank == 0:
-        stale = ckpt.list_checkpoints(output)
-        if stale:
-            # A later --resume must not pick up the earlier run's (higher-numbered) checkpoints.
-            log.warning("%s: removing %d checkpoint(s) of an earlier run (pass --resume to continue it "
-                        "instead)", output, len(stale))
-            for _, path in stale:
-                shutil.rmtree(path, ignore_errors=True)
+        # Removed only once this run has written its first checkpoint (output_dir's rules).
+        output_dir.note_earlier_run(output, [p for _, p in ckpt.list_checkpoints(output)])
     return output
 
 
@@ -482,6 +479,7 @@ def _resume_or_seed(cfg: TrainConfig, engine, td, output: str, info: DistInfo, t
 
 def build_run(cfg: TrainConfig, info: DistInfo) -> Run:
     """Output folder, data, model, DeepSpeed engine, resume state, loader and metrics."""
+    from fastground.train import guards
     from fastground.train.data import build_train_data
     from fastground.train.metrics import Metrics, path_params, peak_flops
 
@@ -533,7 +531,8 @@ def build_run(cfg: TrainConfig, info: DistInfo) -> Run:
     metrics = Metrics(output, total, step, rank, world, device, path_params(engine.module, trainable),
                       peak_flops(device, cfg.peak_tflops), cfg.tensorboard, cfg.progress, cfg.log_every)
     settings = dict(cfg.to_dict(), world_size=world, precision="bf16" if bf16 else "fp32",
-                    total_steps=total, warmup_steps=warm, started_from=source)
+                    total_steps=total, warmup_steps=warm, started_from=source,
+                    fingerprint=guards.fingerprint(cfg))
     return Run(cfg=cfg, info=info, engine=engine, tokenizer=tokenizer, td=td, loader=loader,
                batches=iter(loader), metrics=metrics, settings=settings, source=source, total=total,
                stop=stop, bf16=bf16, step=step, counters=counters, t_start=t_start)
@@ -614,6 +613,8 @@ def _train(cfg: TrainConfig, info: DistInfo) -> TrainResult:
     cfg = run.cfg
     result = TrainResult(output=run.output, steps=run.step)
     run.engine.train()
+    from fastground.train.guards import StopOnSignal, check_skip_fraction
+    stop = StopOnSignal().__enter__()  # Ctrl-C / SIGTERM: finish the step, save, return
     try:
         while run.step < run.stop:
             s = train_step(run, next_micro_batches(run))
@@ -626,10 +627,17 @@ def _train(cfg: TrainConfig, info: DistInfo) -> TrainResult:
             result.losses.append((run.step, s.loss))
             if not math.isfinite(s.loss):
                 raise FloatingPointError(f"step {run.step}: loss is {s.loss}")
-            if (cfg.save_every and run.step % cfg.save_every == 0) or run.step == run.stop:
+            check_skip_fraction(run)  # at each epoch's end: the whole run's skipped fraction
+            interrupted = stop.requested(run.info.device)
+            if (cfg.save_every and run.step % cfg.save_every == 0) or run.step == run.stop or interrupted:
                 result.checkpoint = _save(run)
                 run.metrics.note(f"step {run.step}: checkpoint {result.checkpoint}")
+            if interrupted:
+                log.warning("interrupted at step %d: checkpoint %s written; continue with --resume", run.step,
+                            result.checkpoint)
+                break
     finally:
+        stop.__exit__(None, None, None)
         run.metrics.close()
         run.batches = run.loader = None
     return _finish(run, result)

@@ -78,7 +78,9 @@ class Metrics:
             return
         os.makedirs(output, exist_ok=True)
         path = os.path.join(output, "metrics.jsonl")
-        _truncate_after(path, start_step)
+        # Appended, never rewritten: every line names its run; read_metrics picks a run's lines.
+        from fastground.train.output_dir import run_id
+        self.run_id = run_id()
         self.file = open(path, "a", encoding="utf-8")
         if tensorboard:
             try:
@@ -97,7 +99,7 @@ class Metrics:
             return None
         self.recent.append(step_time)
         avg = sum(self.recent) / len(self.recent)
-        rec = {"step": step, "loss": loss, "lr": lr, "step_time_s": step_time,
+        rec = {"run": self.run_id, "step": step, "loss": loss, "lr": lr, "step_time_s": step_time,
                "tokens_per_s": tokens / step_time, "samples_per_s": samples / step_time,
                "tokens": tokens, "answer_tokens": answer_tokens, "samples": samples,
                "eta_s": avg * (self.total - step)}
@@ -150,26 +152,24 @@ class Metrics:
             self.file.close()
 
 
-def _truncate_after(path: str, step: int) -> None:
-    """A resumed run rewrites the steps after its checkpoint; drop their old records."""
-    if not os.path.isfile(path):
-        return
-    with open(path, encoding="utf-8") as f:
-        lines = f.readlines()
-    keep = []
-    for line in lines:
-        try:
-            if json.loads(line)["step"] <= step:
-                keep.append(line)
-        except (ValueError, KeyError):
-            continue
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.writelines(keep)
-    os.replace(tmp, path)
-
-
 def read_metrics(output: str) -> list[dict]:
+    """The records of the newest run in `output`, continued runs included: the newest run's
+    lines, preceded by the newest record of each earlier step it resumed after."""
     path = os.path.join(output, "metrics.jsonl")
     with open(path, encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
+        records = []
+        for line in f:
+            try:
+                records.append(json.loads(line))
+            except ValueError:  # a line cut by a kill mid-write
+                continue
+    if not records:
+        return []
+    last = records[-1].get("run")
+    mine = [r for r in records if r.get("run") == last]
+    first = min(r["step"] for r in mine)
+    before: dict[int, dict] = {}
+    for r in records:
+        if r.get("run") != last and r["step"] < first:
+            before[r["step"]] = r
+    return [before[s] for s in sorted(before)] + mine
