@@ -5,6 +5,7 @@ supervised tokens made here from the samples' labels."""
 import math
 import types
 
+import pytest
 import torch
 
 from fastground import GroundingGPT, GroundingGPTConfig
@@ -93,31 +94,54 @@ def samples(cfg):
     return out
 
 
-def test_padded_batch_loss_is_hand_cross_entropy():
+def _trainer_batch(batch, model):
+    """The batch as the trainer's collate finishes it (answer positions and targets counted
+    on the CPU), which the model's loss then uses instead of the labels."""
+    from fastground.train.data import finish_batch
+    return finish_batch(dict(batch), model.config)
+
+
+ROUTES = ["labels", "trainer-collate", "trainer-collate-fused"]
+
+
+def _loss_via(model, batch, route):
+    model.fused_loss = route.endswith("fused")
+    try:
+        if route != "labels":
+            batch = {k: v for k, v in _trainer_batch(batch, model).items() if not k.startswith("_")}
+        out = model(**batch)
+        logits = model(**batch, return_logits=True).logits if out.logits is None else out.logits
+    finally:
+        model.fused_loss = False
+    return out, logits
+
+
+@pytest.mark.parametrize("route", ROUTES)
+def test_padded_batch_loss_is_hand_cross_entropy(route):
     model = tiny_model().eval()
     ss = samples(model.config)
-    batch = collate_padded(ss, model.config.pad_token_id)
-    out = model(**batch)
+    out, logits = _loss_via(model, collate_padded(ss, model.config.pad_token_id), route)
     total, count = 0.0, 0
     for b, s in enumerate(ss):
         n = s["input_ids"].numel()
-        t, c = hand_sum_and_count(out.logits[b, :n].detach().double(), s["labels"])
+        t, c = hand_sum_and_count(logits[b, :n].detach().double(), s["labels"])
         total, count = total + t, count + c
     assert out.n_tokens == count == sum(int((s["labels"][1:] != IGNORE).sum()) for s in ss)
     assert abs(out.loss.item() - total / count) < 1e-5 * total / count, (out.loss.item(), total / count)
 
 
-def test_packed_batch_loss_is_hand_cross_entropy():
+@pytest.mark.parametrize("route", ROUTES)
+def test_packed_batch_loss_is_hand_cross_entropy(route):
     model = tiny_model().eval()
     ss = samples(model.config)
     batch = collate_packed(ss)
-    out = model(**batch)
-    assert out.logits.shape[:2] == batch["input_ids"].shape
+    out, logits = _loss_via(model, batch, route)
+    assert logits.shape[:2] == batch["input_ids"].shape
     total, count, start = 0.0, 0, 0
     for s in ss:
         n = s["input_ids"].numel()
         # each sample on its own: its first token is nobody's target
-        t, c = hand_sum_and_count(out.logits[0, start:start + n].detach().double(), s["labels"])
+        t, c = hand_sum_and_count(logits[0, start:start + n].detach().double(), s["labels"])
         total, count, start = total + t, count + c, start + n
     assert out.n_tokens == count
     assert abs(out.loss.item() - total / count) < 1e-5 * total / count, (out.loss.item(), total / count)
@@ -196,6 +220,7 @@ def test_trainer_step_normalises_by_supervised_tokens_of_the_step():
     want = [p.grad.clone() for p in params]
     model.zero_grad(set_to_none=True)
 
+    model.fused_loss = True  # the trainer's default (--fused-loss)
     engine = RecordingEngine(model)
     micro = [collate([dict(s) for s in g], model.config.pad_token_id, False, 4096) for g in groups]
     stats = train_step(_run_for(engine, model.config.pad_token_id), micro)
