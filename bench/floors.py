@@ -264,8 +264,8 @@ def slice_params(s: SliceShape, stage: int) -> int:
     """Parameters the optimizer updates in a stage (1: adapters; 2, 3: adapters + LLM)."""
     adapters = (adapter_params(s.clip_width, s.llama.hidden, s.llama.hidden)
                 + qformer_branch_params(s.video, s.video_pe_rows) + qformer_branch_params(s.audio, s.audio_pe_rows))
-    if stage == 1:
-        return adapters
+    if stage == 1:  # the adapters and, as released, the input embeddings
+        return adapters + s.llama.vocab * s.llama.hidden
     lm = s.layers * decoder_layer_params(s.llama) + 2 * s.llama.vocab * s.llama.hidden + s.llama.hidden
     return adapters + lm
 

@@ -54,7 +54,9 @@ PARTS: tuple[Part, ...] = (
     Part("audio_position_embedding", "audio", "adapter", 1, label="audio Q-Former + PE + proj"),
     Part("audio_llama_proj", "audio", "adapter", 1, fast="linear", label="audio Q-Former + PE + proj"),
     # the Vicuna backbone
-    Part("embed_tokens", "llm", "llm", 2, label="backbone (Vicuna)"),
+    # Stage 1 trains it too, as the release: on media samples only the media start/end rows
+    # (fastground.model.stages.detach_text_embeddings).
+    Part("embed_tokens", "llm", "llm", 1, label="backbone (Vicuna)"),
     Part("layers", "llm", "llm", 2, fast="llama_layers", label="backbone (Vicuna)"),
     Part("norm", "llm", "llm", 2, fast="llama_layers", label="backbone (Vicuna)"),
     Part("lm_head", "llm", "llm", 2, label="backbone (Vicuna)"),

@@ -19,6 +19,7 @@ from fastground.model.branches import frozen_modules, frozen_parameters
 from fastground.model.eva_vit import EVAVisionTransformer
 from fastground.model.imagebind_audio import ImageBindAudioEncoder
 from fastground.model.qformer import QFormer, QFormerSpec, init_qformer_weights
+from fastground.model.stages import detach_text_embeddings
 
 # Modules that never train (the release freezes them and keeps them in eval mode).
 FROZEN_ENCODERS = frozen_modules()
@@ -190,11 +191,17 @@ class GroundingGPT(nn.Module):
             emb = emb.masked_scatter(mask, feats.reshape(-1, feats.shape[-1]))
         return emb
 
+    # Stage 1 of the release: media samples train only the media start/end embedding rows
+    # (set by fastground.model.stages.set_stage).
+    stage1_embeddings: bool = False
+
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 labels: torch.Tensor | None = None, images=None, videos=None, sounds=None,
                 position_ids: torch.Tensor | None = None, cu_seqlens: torch.Tensor | None = None,
                 max_seqlen: int | None = None, **_) -> GroundingGPTOutput:
         emb = self.embed(input_ids, images, videos, sounds)
+        if self.stage1_embeddings and self.training:
+            emb = detach_text_embeddings(emb, input_ids, self.config, cu_seqlens)
         kwargs = {}
         if cu_seqlens is not None and self.model.config._attn_implementation in ("flash_attention_2", "fastground_varlen"):
             kwargs = dict(cu_seq_lens_q=cu_seqlens, cu_seq_lens_k=cu_seqlens,

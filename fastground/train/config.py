@@ -19,6 +19,9 @@ import os
 from dataclasses import dataclass, field, fields
 from typing import Any
 
+from fastground.data.templates import TEMPLATES
+from fastground.train.loss_reduction import DEFAULT_LOSS_REDUCTION, LOSS_REDUCTIONS
+
 RELEASE_GPUS = 8  # Table 9: 8 x A100
 
 # Table 9 per stage; the global batch follows from the 8 GPUs of the paper.
@@ -76,6 +79,13 @@ class TrainConfig:
     lora_alpha: int = _opt(256, "LoRA alpha")
     lora_dropout: float = _opt(0.05, "LoRA dropout")
 
+    template: str | None = _opt(None, "conversation template of the training text, recorded in the "
+                                      "checkpoint's config for infer/evaluate/chat: lego (the release's: "
+                                      "'### Human: ... ### Assistant: ...', role tags and '###' "
+                                      "supervised, no EOS) or vicuna_v1 (' USER: ... ASSISTANT: ...</s>'). "
+                                      "Default: the starting checkpoint's, else lego",
+                                choices=tuple(TEMPLATES))
+
     # --- data
     data: str | None = _opt(None, "comma-separated LLaVA-style JSON files of this stage "
                                   "(default: the demo data's stage{N}.json, generated on first use)")
@@ -129,6 +139,11 @@ class TrainConfig:
                                               "batch fields are filled from these settings, an "
                                               "\"optimizer\"/\"scheduler\" section replaces ours")
     seed: int = _opt(42, "seed of the initial weights, data order, augmentation and dropout")
+    loss_reduction: str = _opt(DEFAULT_LOSS_REDUCTION, "token: the step's loss is the mean over every "
+                                                       "supervised token of the global batch; release: "
+                                                       "the mean of the micro-batch means over micro-batches "
+                                                       "and ranks, as the release's trainer (padded "
+                                                       "micro-batches)", choices=LOSS_REDUCTIONS)
 
     # --- output
     output: str | None = _opt(None, "run directory: checkpoints, metrics, final/ (default: runs/stage{N})")

@@ -9,7 +9,8 @@ the global batch (all ranks, all micro-batches), as if the global batch were one
 pass. Each micro-batch's summed token loss is divided by the step's global token count,
 known up front from the labels (one all-reduce of a few integers), and multiplied by the
 world size that ZeRO's gradient averaging divides by. A mean of per-rank means would weight
-a token of a short answer more than one of a long answer.
+a token of a short answer more than one of a long answer. `--loss-reduction release` takes
+the release's mean of micro-batch means instead (fastground/train/loss_reduction.py).
 
 Optimizer: apex FusedAdam when importable, else torch's fused AdamW on CUDA, else torch's
 foreach AdamW on CPU; DeepSpeed wraps it as the client optimizer (no DeepSpeed op is JIT
@@ -33,8 +34,10 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from fastground.data.templates import training_template
 from fastground.data.tokenizer import load_tokenizer
 from fastground.train.config import TrainConfig
+from fastground.train.loss_reduction import check_packing, micro_batch_weight, step_loss
 
 log = logging.getLogger("fastground.train")
 
@@ -497,6 +500,10 @@ def build_run(cfg: TrainConfig, info: DistInfo) -> Run:
 
     model, source = build_model(cfg, tokenizer, bf16)
     log.info("stage %d starts from %s", cfg.stage, source)
+    template, why = training_template(cfg.template, model.config.conversation_template)
+    model.config.conversation_template = template.name  # recorded in every checkpoint's config
+    cfg = dataclasses.replace(cfg, template=template.name)
+    log.info("conversation template: %s (%s); loss: %s mean", template.name, why, cfg.loss_reduction)
     if cfg.max_length > model.config.max_position_embeddings:
         log.info("max length %d > the model's %d positions: using %d", cfg.max_length,
                  model.config.max_position_embeddings, model.config.max_position_embeddings)
@@ -557,7 +564,6 @@ def train_step(run: Run, micro: list[dict]) -> StepStats:
         local[2] += b.pop("_samples")
         local[3] += b.pop("_skipped")
     answer_tokens, tokens, samples, skipped = _all_reduce_sum(local, device)
-    scale = world / max(answer_tokens, 1.0)
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
     for b in micro:
         b = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in b.items()}
@@ -567,10 +573,12 @@ def train_step(run: Run, micro: list[dict]) -> StepStats:
             token_loss = out.loss.float() * out.n_tokens
         else:  # no answer token here: a zero loss that still reaches the LLM
             token_loss = out.logits.float().sum() * 0.0
-        engine.backward(token_loss * scale + 0.0 * anchor, scale_wrt_gas=False)
+        # --loss-reduction: this micro-batch's share of the step loss (train/loss_reduction.py)
+        weight = micro_batch_weight(run.cfg.loss_reduction, out.n_tokens, answer_tokens, world, len(micro))
+        engine.backward(token_loss * weight + 0.0 * anchor, scale_wrt_gas=False)
         engine.step()
-        loss_sum += token_loss.detach().double()
-    loss = _all_reduce_sum([loss_sum.item()], device)[0] / max(answer_tokens, 1.0)
+        loss_sum += token_loss.detach().double() * weight
+    loss = step_loss(_all_reduce_sum([loss_sum.item()], device)[0], world)
     gn = engine.get_global_grad_norm()
     gn = float(gn) if gn is not None and math.isfinite(float(gn)) else None
     return StepStats(loss=loss, lr=lr, seconds=time.perf_counter() - t0, tokens=int(tokens), samples=int(samples),
@@ -652,6 +660,10 @@ def _check_resumable(state: dict, cfg: TrainConfig, world: int, total: int, path
             "grad_accum": cfg.grad_accum, "stage": cfg.stage, "seed": cfg.seed, "lora": cfg.lora,
             "total_steps": total}
     diff = {k: (state.get(k), v) for k, v in same.items() if state.get(k) != v}
+    saved = state.get("settings", {})
+    for k in ("template", "loss_reduction"):  # recorded in the settings since issue 15
+        if k in saved and saved[k] != getattr(cfg, k):
+            diff[k] = (saved[k], getattr(cfg, k))
     if diff:
         detail = ", ".join(f"{k}: saved {a!r}, now {b!r}" for k, (a, b) in diff.items())
         raise ResumeError(f"cannot resume from {path}: settings differ ({detail}); the continued run would "
