@@ -12,7 +12,8 @@ from PIL import Image, ImageColor, ImageDraw, ImageFont
 
 from fastground.grounding import box_to_pixels
 
-__all__ = ["PALETTE", "draw_boxes", "draw_timeline"]
+__all__ = ["PALETTE", "PRED_COLOR", "TRUE_COLOR", "draw_boxes", "draw_timeline", "box_picture",
+           "span_picture", "video_frames", "contact_sheet", "html_page"]
 
 Color = Union[str, tuple[int, int, int]]
 
@@ -83,8 +84,14 @@ def draw_boxes(image: Image.Image,
         if label:
             tx0, ty0, tx1, ty1 = draw.textbbox((0, 0), label, font=font)
             tw, th, pad = tx1 - tx0, ty1 - ty0, 2
-            # Above the box when there is room, so the label hides none of it.
-            ly = top - th - 2 * pad if top - th - 2 * pad >= 0 else top
+            # Above the box when there is room, else below it, so the label hides none of
+            # the box; inside only when the image has no room either side.
+            if top - th - 2 * pad - lw >= 0:
+                ly = top - th - 2 * pad - lw // 2
+            elif bottom + lw + th + 2 * pad < h:
+                ly = bottom + lw // 2 + 1
+            else:
+                ly = top
             lx = min(left, max(0, w - tw - 2 * pad))
             draw.rectangle((lx, ly, lx + tw + 2 * pad, ly + th + 2 * pad), fill=cols[i])
             draw.text((lx + pad - tx0, ly + pad - ty0), label, fill=_ink_on(cols[i]),
@@ -188,3 +195,231 @@ def draw_timeline(duration: float,
             tx = min(max(x - (tb[2] - tb[0]) / 2, 0), width - (tb[2] - tb[0]))
             draw.text((tx - tb[0], axis_y + 9 - tb[1]), text, fill=_TEXT, font=font)
     return img
+
+
+# ----------------------------------------------------------------- prediction vs truth
+# Truth green, prediction magenta: apart in hue and in lightness, so they read the same
+# for the common colour-vision deficiencies and in greyscale print.
+TRUE_COLOR = (0, 158, 115)
+PRED_COLOR = (204, 51, 153)
+
+
+def _legend(width: int, items: Sequence[tuple[str, tuple[int, int, int]]], caption: str = "",
+            size: int = 14) -> Image.Image:
+    """A white strip with colour swatches and a caption (wrapped to the width)."""
+    font = _font(size)
+    probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    line_h = probe.textbbox((0, 0), "Ag", font=font)[3] + 4
+    lines = _wrap(caption, font, width - 12, probe) if caption else []
+    img = Image.new("RGB", (width, line_h * (1 + len(lines)) + 6), (255, 255, 255))
+    d = ImageDraw.Draw(img)
+    x = 6
+    for text, col in items:
+        d.rectangle((x, 5, x + size, 5 + size - 2), fill=col)
+        d.text((x + size + 4, 3), text, fill=_TEXT, font=font)
+        x += size + 12 + int(d.textlength(text, font=font))
+    for k, line in enumerate(lines):
+        d.text((6, 3 + line_h * (k + 1)), line, fill=_TEXT, font=font)
+    return img
+
+
+def _wrap(text: str, font, width: int, draw) -> list[str]:
+    out: list[str] = []
+    for para in text.split("\n"):
+        line = ""
+        for word in para.split(" "):
+            cand = (line + " " + word).strip()
+            if line and draw.textlength(cand, font=font) > width:
+                out.append(line)
+                line = word
+            else:
+                line = cand
+        out.append(line)
+    return out[:6]
+
+
+def _stack(*parts: Image.Image, bg=(255, 255, 255)) -> Image.Image:
+    w = max(p.width for p in parts)
+    out = Image.new("RGB", (w, sum(p.height for p in parts)), bg)
+    y = 0
+    for p in parts:
+        out.paste(p, (0, y))
+        y += p.height
+    return out
+
+
+def box_picture(image: Image.Image, pred, true: Optional[Sequence[float]] = None,
+                caption: str = "", min_side: int = 360, max_side: int = 640) -> Image.Image:
+    """The image with the true and predicted boxes (relative to the padded square) in two
+    colours and a legend (`pred`: one box, a list of boxes, or None). Small images are enlarged (nearest neighbour, so pixels stay
+    honest) until lines and labels are legible; a margin keeps every label outside its box."""
+    img = image.convert("RGB")
+    scale = max(1.0, min_side / min(img.size))
+    scale = min(scale, max_side / max(img.size)) if max(img.size) * scale > max_side else scale
+    if scale != 1.0:
+        img = img.resize((max(1, round(img.width * scale)), max(1, round(img.height * scale))),
+                         Image.NEAREST if scale > 1 else Image.BILINEAR)
+    font_px = max(12, round(min(img.size) / 22))
+    margin = font_px + 10
+    canvas = Image.new("RGB", (img.width + 2 * margin, img.height + 2 * margin), (255, 255, 255))
+    canvas.paste(img, (margin, margin))
+    # Boxes are drawn on the canvas: map image-relative pixels by the margin offset.
+    draw = ImageDraw.Draw(canvas)
+    font = _font(font_px)
+    lw = max(3, round(min(img.size) / 120))
+    placed: list[tuple[int, int, int, int]] = []
+    preds = [pred] if pred is None or isinstance(pred[0], (int, float)) else list(pred)
+    named = [(true, TRUE_COLOR, "true")] + [
+        (p, PRED_COLOR, "predicted" if len(preds) == 1 else f"predicted {k + 1}") for k, p in enumerate(preds)]
+    for box, col, name in named:
+        if box is None:
+            continue
+        x1, y1, x2, y2 = box_to_pixels(box, img.width, img.height, clip=True)
+        if x2 <= x1 or y2 <= y1:
+            continue
+        rect = (margin + round(x1), margin + round(y1), margin + max(round(x1), round(x2) - 1),
+                margin + max(round(y1), round(y2) - 1))
+        draw.rectangle(rect, outline=col, width=lw)
+        tb = draw.textbbox((0, 0), name, font=font)
+        tw, th = tb[2] - tb[0] + 6, tb[3] - tb[1] + 6
+        lx = min(max(0, rect[0]), canvas.width - tw)
+        above = (lx, rect[1] - th - 1, lx + tw, rect[1] - 1)
+        below = (lx, rect[3] + 1, lx + tw, rect[3] + th + 1)
+        # Above the box unless that collides with the other label or leaves the canvas.
+        spot = above if above[1] >= 0 and not any(_overlap(above, p) for p in placed) else below
+        if spot[3] > canvas.height:
+            spot = above
+        placed.append(spot)
+        draw.rectangle(spot, fill=col)
+        draw.text((spot[0] + 3 - tb[0], spot[1] + 3 - tb[1]), name, fill=_ink_on(col), font=font)
+    items = ([("true", TRUE_COLOR)] if true is not None else []) + ([
+        ("predicted" if any(p is not None for p in preds) else "predicted: none", PRED_COLOR)]
+        if true is not None or any(p is not None for p in preds) else [])
+    return _stack(canvas, _legend(canvas.width, items, caption))
+
+
+def _overlap(a, b) -> bool:
+    return not (a[2] <= b[0] or b[2] <= a[0] or a[3] <= b[1] or b[3] <= a[1])
+
+
+def video_frames(path: str, n: int = 8, height: int = 72) -> list[tuple[float, Image.Image]]:
+    """n frames spread evenly over a video, as (time in seconds, thumbnail)."""
+    import av
+
+    with av.open(path) as c:
+        s = c.streams.video[0]
+        frames = [(float(f.time if f.time is not None else k / float(s.average_rate or 25)),
+                   f.to_image()) for k, f in enumerate(c.decode(s))]
+    if not frames:
+        return []
+    pick = [frames[round(i * (len(frames) - 1) / max(1, n - 1))] for i in range(min(n, len(frames)))]
+    out = []
+    for t, im in pick:
+        w = max(1, round(im.width * height / im.height))
+        out.append((t, im.resize((w, height), Image.BILINEAR)))
+    return out
+
+
+def _under_strip(width: int, x0: int, x1: int, duration: float, frames=None, wave=None,
+                 sample_rate: int | None = None, height: int = 72) -> Image.Image:
+    """Frames at their times, or the waveform (min/max per pixel column), on the timeline's x."""
+    img = Image.new("RGB", (width, height + 8), (255, 255, 255))
+    d = ImageDraw.Draw(img)
+    scale = (x1 - x0) / duration
+    if frames:
+        n = len(frames)
+        slot = (x1 - x0) / n
+        for k, (t, im) in enumerate(frames):
+            # Each thumbnail fills its slot; a tick joins it to its time on the axis.
+            th = im.resize((max(1, int(slot) - 2), height), Image.BILINEAR) if im.width > slot - 2 else im
+            left = int(x0 + k * slot + (slot - th.width) / 2)
+            img.paste(th, (left, 8))
+            tx = int(x0 + min(max(t, 0.0), duration) * scale)
+            d.line((tx, 0, left + th.width // 2, 7), fill=_AXIS)
+    elif wave is not None:
+        import numpy as np
+
+        w = np.asarray(wave, dtype=np.float32)
+        w = w.mean(0) if w.ndim == 2 else w
+        cols = x1 - x0
+        peak = float(np.abs(w).max()) or 1.0
+        mid = 8 + height // 2
+        edges = np.linspace(0, len(w), cols + 1).astype(int)
+        for c in range(cols):
+            seg = w[edges[c]:max(edges[c] + 1, edges[c + 1])]
+            if seg.size == 0:
+                continue
+            lo, hi = float(seg.min()) / peak, float(seg.max()) / peak
+            d.line((x0 + c, mid - hi * height / 2, x0 + c, mid - lo * height / 2), fill=(70, 90, 140))
+        d.line((x0, mid, x1, mid), fill=_TRACK)
+    return img
+
+
+def span_picture(duration: float, pred: Optional[Sequence[float]], true: Optional[Sequence[float]],
+                 caption: str = "", frames=None, wave=None, sample_rate: int | None = None,
+                 width: int = 720) -> Image.Image:
+    """True and predicted spans (relative) as two rows over a seconds axis, with the video's
+    frames or the sound's waveform underneath on the same time scale."""
+    tl = draw_timeline(duration, [true, pred], labels=["true", "predicted"], width=width,
+                       colors=[TRUE_COLOR, PRED_COLOR])
+    # draw_timeline's left margin: the widest label + 12 px (see there); right margin 16 px.
+    probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    x0 = max(probe.textbbox((0, 0), "predicted", font=_font(12))[2] + 12, 16)
+    parts = [tl]
+    if frames or wave is not None:
+        parts.append(_under_strip(width, x0, width - 16, duration, frames, wave, sample_rate))
+    items = [("true", TRUE_COLOR), ("predicted" if pred is not None else "predicted: none", PRED_COLOR)]
+    parts.append(_legend(width, items, caption))
+    return _stack(*parts)
+
+
+def contact_sheet(tiles: Sequence[tuple[str, Image.Image]], title: str = "", columns: int = 3,
+                  tile_width: int = 420) -> Image.Image:
+    """Tiles (heading, picture) in a grid under a title, each scaled to tile_width."""
+    font, big = _font(14), _font(20)
+    scaled = []
+    for head, im in tiles:
+        # Fit a tile_width x 1.2 tile_width cell, so a tall picture does not dwarf the rest.
+        r = min(tile_width / im.width, 1.2 * tile_width / im.height)
+        scaled.append((head, im.resize((max(1, round(im.width * r)), max(1, round(im.height * r))),
+                                       Image.BILINEAR) if r != 1 else im))
+    rows = [scaled[i:i + columns] for i in range(0, len(scaled), columns)]
+    gap, head_h, title_h = 12, 22, 36 if title else 0
+    heights = [max(im.height for _, im in row) + head_h for row in rows]
+    w = columns * tile_width + (columns + 1) * gap
+    h = title_h + sum(heights) + (len(rows) + 1) * gap
+    out = Image.new("RGB", (w, max(h, title_h + gap)), (246, 246, 246))
+    d = ImageDraw.Draw(out)
+    if title:
+        d.text((gap, 8), title, fill=_TEXT, font=big)
+    y = title_h + gap
+    for row, rh in zip(rows, heights):
+        for k, (head, im) in enumerate(row):
+            x = gap + k * (tile_width + gap)
+            d.text((x, y + 2), head, fill=_TEXT, font=font)
+            out.paste(im, (x, y + head_h))
+        y += rh + gap
+    return out
+
+
+def html_page(title: str, sections: Sequence[tuple[str, Sequence[tuple[str, Image.Image]]]],
+              intro_html: str = "") -> str:
+    """One self-contained HTML page (pictures inlined as PNG data URIs)."""
+    import base64
+    import html
+    import io
+
+    parts = [f"<!doctype html><meta charset='utf-8'><title>{html.escape(title)}</title>",
+             "<style>body{font-family:sans-serif;margin:24px;background:#f6f6f6}"
+             "figure{display:inline-block;vertical-align:top;margin:8px;background:#fff;padding:8px}"
+             "figcaption{max-width:460px;font-size:13px;white-space:pre-wrap}</style>",
+             f"<h1>{html.escape(title)}</h1>", intro_html]
+    for head, tiles in sections:
+        parts.append(f"<h2>{html.escape(head)}</h2>")
+        for cap, im in tiles:
+            buf = io.BytesIO()
+            im.save(buf, format="PNG")
+            data = base64.b64encode(buf.getvalue()).decode("ascii")
+            parts.append(f"<figure><img src='data:image/png;base64,{data}' width='{min(im.width, 460)}'>"
+                         f"<figcaption>{html.escape(cap)}</figcaption></figure>")
+    return "\n".join(parts) + "\n"

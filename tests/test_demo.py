@@ -68,7 +68,9 @@ def test_same_seed_same_bytes(tmp_path):
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 0, err.decode()[-2000:]
     ha, hb = _hashes(a), _hashes(b)
-    assert len(ha) == 8 + 4 + 4 + 5 + 2  # media, 3 stages + annotations + manifest, tokenizer
+    # media, 3 stages + annotations + manifest, tokenizer, held-out split (4 images, 2 videos,
+    # refs + instances, 3 POPE files, Charades-STA annotations + lengths)
+    assert len(ha) == 8 + 4 + 4 + 5 + 2 + 13
     assert ha == hb
     c = D.generate_demo_data(tmp_path / "c", **dict(kw, seed=4))
     assert _hashes(c)["images/img_0000.png"] != ha["images/img_0000.png"]

@@ -22,6 +22,8 @@ Writes, under DIR:
   `</s>` first, digits split, the media tokens and placeholders appended as special
   tokens), saved by transformers' `PreTrainedTokenizerFast`; <= 512 ids, the tiny
   preset's vocabulary.
+* `heldout/`: images and clips not in any training file, in the published RefCOCO,
+  Charades-STA and POPE formats (`fastground.data.heldout`), for `fastground.evaluate`.
 * `manifest.json`: parameters and the sha256 of every other file.
 
 The same seed gives the same bytes: every random draw comes from a generator seeded by
@@ -47,17 +49,18 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from fastground.config import MEDIA_TOKENS, PLACEHOLDERS
+from fastground.data.templates import LEGO
 from fastground.grounding import box_to_relative, format_box, format_span
 
 __all__ = ["GENERATOR_VERSION", "generate_demo_data", "ensure_demo_data", "main",
            "SYSTEM_PROMPT", "COLORS", "SHAPES"]
 
 # Bump when the output of a given seed changes, so cached demo sets are rebuilt.
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 3
 
-# Vicuna v1's system line: in the tokenizer corpus so the template tokenises compactly.
-SYSTEM_PROMPT = ("A chat between a curious user and an artificial intelligence assistant. "
-                 "The assistant gives helpful, detailed, and polite answers to the user's questions.")
+# The lego template's system line (the release's, the default template): in the tokenizer
+# corpus so the template tokenises compactly.
+SYSTEM_PROMPT = LEGO.system
 
 COLORS = {
     "red": (220, 40, 40), "green": (40, 180, 60), "blue": (40, 80, 230),
@@ -459,31 +462,37 @@ def _train_tokenizer(segments: list[str], out_dir: str, vocab_size: int = 480) -
 
 
 def _corpus(stages: dict) -> list[str]:
-    """Every sample as a Vicuna v1 prompt, cut where the placeholders stand.
+    """Every sample as the lego template writes it, cut where the media placeholders stand,
+    as tokenization will see the text: training text (the release's `preprocess`, whitespace
+    around media stripped) and the inference prompt of its first question (`###Human: ...
+    ###Assistant:`, whitespace kept).
 
-    Tokenization splits special tokens out first and prepends "▁" only at the very start
-    of the text, so the first piece gets a leading space here and the pieces after a
-    placeholder or `</s>` ("\nWhere is ...", "USER: ...") do not: the merges are learned on the same words
-    tokenization will see. The template words recur in every sample, so they become
-    single tokens.
+    The pieces between placeholders are tokenized one by one (fastground.data.conversation),
+    and each gets the leading "▁" of its own call, so each segment here starts with a space:
+    the merges are learned on the same words tokenization will see. The template words
+    recur in every sample, so they become single tokens.
     """
     import re
 
-    specials = list(PLACEHOLDERS.values()) + ["</s>"]
-    cut = re.compile("|".join(re.escape(p) for p in specials))
+    cut = re.compile("|".join(re.escape(p) for p in PLACEHOLDERS.values()))
     segments = []
+
+    def add(text: str, strip: bool) -> None:
+        pieces = cut.split(text)
+        if strip:
+            pieces = [p.lstrip() if k else p for k, p in enumerate(pieces)]
+            pieces = [p.rstrip() if k < len(pieces) - 1 else p for k, p in enumerate(pieces)]
+        segments.extend(" " + p for p in pieces if p)
+
+    roles = {"human": LEGO.roles[0], "gpt": LEGO.roles[1]}
     for samples in stages.values():
         for s in samples:
-            # Vicuna v1: "SYSTEM USER: q ASSISTANT: a</s>USER: q ASSISTANT: a</s>"
-            text = SYSTEM_PROMPT + " "
-            for t in s["conversations"]:
-                if t["from"] == "human":
-                    text += "USER: " + t["value"] + " "
-                else:
-                    text += "ASSISTANT: " + t["value"] + "</s>"
-            pieces = cut.split(text)
-            segments.append(" " + pieces[0])
-            segments.extend(p for p in pieces[1:] if p)
+            turns = s["conversations"]
+            text = LEGO.system + LEGO.header_end
+            for t in turns:
+                text += f"{LEGO.turn_begin}{roles[t['from']]}: {t['value']}{LEGO.turn_end}"
+            add(text + LEGO.turn_begin, strip=True)
+            add(LEGO.inference_prompt(turns[0]["value"]), strip=False)
     return segments
 
 
@@ -538,6 +547,10 @@ def generate_demo_data(out: Any, seed: int = 0, n_images: int = 120, n_videos: i
         _dump_json(samples, str(out / f"{name}.json"))
     _dump_json(truth, str(out / "annotations.json"))
     vocab = _train_tokenizer(_corpus(stages), str(out / "tokenizer"))
+    # Held-out split for `python -m fastground.evaluate --task demo` (own random streams,
+    # never in the training JSON), in the published RefCOCO / Charades-STA / POPE formats.
+    from fastground.data.heldout import write_heldout
+    write_heldout(out / "heldout", seed, max(4, n_images // 5), max(2, n_videos // 5))
     files = sorted(p.relative_to(out).as_posix() for p in out.rglob("*")
                    if p.is_file() and p.name != "manifest.json")
     manifest = dict(_params(seed, n_images, n_videos, n_sounds), tokenizer_size=vocab,
