@@ -221,6 +221,12 @@ class GroundingGPT(nn.Module):
         self.model.train(mode)
         return self
 
+    def generate(self, input_ids, attention_mask=None, images=None, videos=None, sounds=None, **kwargs):
+        """Batched generation (left padding, KV cache, greedy or sampling, stop strings);
+        see fastground.model.generation.generate."""
+        from fastground.model.generation import generate
+        return generate(self, input_ids, attention_mask, images=images, videos=videos, sounds=sounds, **kwargs)
+
     # ------------------------------------------------------------------ checkpoints
     @classmethod
     def from_pretrained(cls, path: str, **kwargs) -> "GroundingGPT":
