@@ -88,6 +88,15 @@ def test_ensure_demo_data_reuses_and_refuses_mismatch(tmp_path):
     assert not [p for p in os.listdir(tmp_path) if p.startswith(".d.tmp")]  # temp dir gone
     with pytest.raises(ValueError, match="not a demo set"):
         D.ensure_demo_data(tmp_path / "d", seed=1, **kw)
+    # A set of an older generator version (same parameters) is rebuilt, not refused.
+    manifest = json.loads((root / "manifest.json").read_text())
+    manifest["generator_version"] = D.GENERATOR_VERSION - 1
+    (root / "manifest.json").write_text(json.dumps(manifest))
+    (root / "stale.txt").write_text("left by the old version")
+    assert D.ensure_demo_data(tmp_path / "d", **kw) == root
+    assert json.loads((root / "manifest.json").read_text())["generator_version"] == D.GENERATOR_VERSION
+    assert not (root / "stale.txt").exists()
+    assert not [p for p in os.listdir(tmp_path) if p.startswith(".d.")]
 
 
 def test_full_set_size(demo, stages):
@@ -209,12 +218,22 @@ def test_tokenizer(demo, stages):
     cfg = GroundingGPTConfig.from_preset("tiny")
     cfg.set_token_ids(tok)
     assert cfg.vocab_size == 512 and cfg.token_ids("image") == tuple(ids[:3])
-    prompt = (f"{D.SYSTEM_PROMPT} USER: <image>\nWhere is the red circle? "
-              f"ASSISTANT: [0.125,0.5,0.875,1.000]</s>")
+    # the lego template's training text and inference prompt (fastground.data.templates)
+    from fastground.data.templates import LEGO
+
+    assert D.SYSTEM_PROMPT == LEGO.system
+    prompt = (f"{LEGO.system}\n\n### Human: <image>\nWhere is the red circle?\n"
+              f"### Assistant: [0.125,0.5,0.875,1.000]\n### ")
     enc = tok(prompt).input_ids
-    assert enc[0] == tok.bos_token_id and enc[-1] == tok.eos_token_id
+    assert enc[0] == tok.bos_token_id and tok.unk_token_id not in enc
     assert tok.convert_tokens_to_ids("<image>") in enc
     assert tok.decode(enc, skip_special_tokens=False) == "<s> " + prompt
+    # The template's words were in the corpus: each role tag is a couple of tokens at most.
+    for text in (" ### Human:", " ### Assistant:", "\n### Assistant:", "###Assistant:"):
+        assert len(tok(text, add_special_tokens=False).input_ids) <= 3, (text, tok.tokenize(text))
+    assert len(tok(" " + LEGO.system, add_special_tokens=False).input_ids) <= 30
+    enc = tok(LEGO.inference_prompt("<video>\nWhen does the red circle appear?")).input_ids
+    assert tok.unk_token_id not in enc
     for s in stages["stage3"][:80]:
         for t in s["conversations"]:
             assert tok.unk_token_id not in tok(t["value"], add_special_tokens=False).input_ids

@@ -566,25 +566,45 @@ def ensure_demo_data(root: Any, seed: int = 0, n_images: int = 120, n_videos: in
 
     Generation writes to a temporary sibling directory that is renamed into place, so a
     crash leaves no half-written set and concurrent callers (test workers, DataLoader
-    processes) end up sharing one complete copy. A directory made with other parameters
-    or another generator version is an error rather than being deleted.
+    processes) end up sharing one complete copy. A set this generator made with the same
+    parameters but an older version (its manifest says so) is rebuilt; any other existing
+    directory is an error rather than being deleted.
     """
     root = Path(root)
     want = _params(seed, n_images, n_videos, n_sounds)
 
-    def matches() -> bool:
+    def manifest() -> dict | None:
         try:
             with open(root / "manifest.json", encoding="utf-8") as f:
                 have = json.load(f)
         except (OSError, ValueError):
-            return False
-        return all(have.get(k) == v for k, v in want.items())
+            return None
+        return have if isinstance(have, dict) else None
+
+    def matches() -> bool:
+        have = manifest()
+        return have is not None and all(have.get(k) == v for k, v in want.items())
 
     if root.exists():
         if matches():
             return root
-        raise ValueError(f"{root}: exists but is not a demo set made with {want}; "
-                         "choose another directory or remove it")
+        have = manifest()
+        outdated = have is not None and have.get("generator_version") != GENERATOR_VERSION and all(
+            have.get(k) == v for k, v in want.items() if k != "generator_version")
+        if not outdated:
+            raise ValueError(f"{root}: exists but is not a demo set made with {want}; "
+                             "choose another directory or remove it")
+        print(f"{root}: demo set of generator version {have.get('generator_version')}, rebuilding it "
+              f"with version {GENERATOR_VERSION}", file=sys.stderr)
+        stale = root.parent / f".{root.name}.stale-{os.getpid()}"
+        try:
+            os.rename(root, stale)
+        except OSError:
+            pass  # another process moved it first
+        else:
+            shutil.rmtree(stale, ignore_errors=True)
+        if matches():  # another process already rebuilt it
+            return root
     root.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}.tmp-", dir=root.parent))
     try:
