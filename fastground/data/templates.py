@@ -71,6 +71,15 @@ class Template:
             messages += [(self.roles[0], q), (self.roles[1], a)]
         return self.prompt(messages)
 
+    def render(self, turns: Sequence[tuple[str, Optional[str]]]) -> str:
+        """Same as chat_prompt (the name fastground.prompting uses)."""
+        return self.chat_prompt(turns)
+
+    @property
+    def stops_at_eos(self) -> bool:
+        """Generation also stops at the EOS token (the release's generate does, with any template)."""
+        return True
+
     def inference_prompt(self, question: str) -> str:
         """One question, the answer left open: `{system}###Human: {question}###Assistant:`
         for lego."""
