@@ -231,3 +231,107 @@ def test_release_inference_prompt_and_stop_rule():
     assert t.cut_answer(" [0.1,0.2,0.3,0.4]\n### Human: and now?") == "[0.1,0.2,0.3,0.4]"
     assert t.cut_answer(" no stop yet") == "no stop yet"
     assert VICUNA_V1.inference_prompt("hi").endswith(" USER: hi ASSISTANT:")
+
+
+# ---------------------------------------------------------------------------- lego end to end
+@pytest.fixture(scope="module")
+def demo_tokenizer(tmp_path_factory):
+    from fastground.data.demo import ensure_demo_data
+    from fastground.data.tokenizer import load_tokenizer
+
+    # Shared with tests/test_demo.py and tests/test_media.py: generated once per session.
+    root = ensure_demo_data(tmp_path_factory.getbasetemp() / "fastground-demo")
+    return load_tokenizer(str(root / "tokenizer"))
+
+
+QA = [("What is 12 plus 30?", "12 plus 30 is 42."), ("How many corners does a square have?", "A square has four corners.")]
+
+
+def _train_tiny(tok, template: str, steps: int = 120):
+    """A tiny text-only model fitted to QA with `template`'s preprocessing (plain AdamW)."""
+    from fastground.data.collate import collate_padded
+    from fastground.data.conversation import preprocess
+
+    cfg = GroundingGPTConfig.from_preset("tiny", conversation_template=template)
+    cfg.set_token_ids(tok)
+    torch.manual_seed(0)
+    model = GroundingGPT(cfg)
+    set_stage(model, 3)
+    items = []
+    for q, a in QA:
+        ids, labels = preprocess([{"from": "human", "value": q}, {"from": "gpt", "value": a}], tok, cfg, 256)
+        items.append({"input_ids": ids, "labels": labels})
+    batch = collate_padded(items, tok.pad_token_id)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=3e-3)
+    model.train()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # a 64-wide model: more threads only contend (10x slower on 2 busy cores)
+    try:
+        for _ in range(steps):
+            opt.zero_grad(set_to_none=True)
+            model(**batch).loss.backward()
+            opt.step()
+    finally:
+        torch.set_num_threads(threads)
+    return model.eval()
+
+
+def test_tiny_model_trained_with_lego_stops_at_separator(demo_tokenizer):
+    from fastground.prompting import prompt_ids, prompt_style
+
+    tok = demo_tokenizer
+    model = _train_tiny(tok, "lego")
+    style = prompt_style(model.config)
+    assert style is LEGO
+    for q, a in QA:
+        ids = prompt_ids(style, [(q, None)], tok, model.config)
+        assert tok.decode(ids).endswith("###Assistant:")  # the release's inference prompt
+        out = model.generate([ids], tokenizer=tok, max_new_tokens=40, eos_token_id=tok.eos_token_id,
+                             pad_token_id=tok.pad_token_id, stop_strings=style.stop_strings)
+        raw = tok.decode(out.tokens[0], skip_special_tokens=True)
+        assert out.finish_reasons == ["stop"] and raw.rstrip().endswith("###"), raw
+        text = out.texts[0]
+        assert text and "#" not in text and style.cut_answer(raw) == text, raw
+        # Trained on "\n### Assistant: " but prompted "###Assistant:" (the release's mismatch),
+        # the tiny model answers with the end of its answer.
+        assert text in a, (text, a)
+        # lego never trains an EOS: stopping only at EOS, it runs on into invented turns
+        longer = model.generate([ids], tokenizer=tok, max_new_tokens=20, eos_token_id=tok.eos_token_id,
+                                pad_token_id=tok.pad_token_id)
+        assert longer.finish_reasons == ["length"] and "###" in longer.texts[0], longer.texts
+
+
+@pytest.mark.slow
+@pytest.mark.requires("deepspeed")
+def test_checkpoints_answer_in_their_own_template(demo_tokenizer, tmp_path_factory, tmp_path, capsys):
+    """Acceptance: a checkpoint trained with the default template and one trained with
+    vicuna_v1 each answer through `python -m fastground.infer` in their own template, with no
+    flag: the template recorded in config.json decides the prompt and the stop rule."""
+    import json as _json
+
+    from fastground.infer import main as infer_main
+    from fastground.train.cli import parse_config
+    from fastground.train.engine import train
+
+    demo = str(tmp_path_factory.getbasetemp() / "fastground-demo")
+    data = tmp_path / "qa.json"
+    data.write_text(_json.dumps([{"id": f"qa{i}-{k}", "conversations": [
+        {"from": "human", "value": q}, {"from": "gpt", "value": a}]} for i in range(4) for k, (q, a) in enumerate(QA)]))
+    for template, flag in (("lego", []), ("vicuna_v1", ["--template", "vicuna_v1"])):
+        out = tmp_path / template
+        train(parse_config(["--stage", "3", "--data", str(data), "--demo-data", demo, "--output", str(out),
+                            "--max-steps", "60", "--global-batch", "2", "--micro-batch", "2", "--lr", "3e-3",
+                            "--warmup-ratio", "0", "--save-every", "0", "--no-progress", "--no-tensorboard",
+                            "--no-fast-path", *flag], world_size=1))
+        final = out / "final"
+        assert GroundingGPTConfig.load(str(final)).conversation_template == template
+        capsys.readouterr()
+        assert infer_main(["--model", str(final), "--question", QA[0][0], "--max-new-tokens", "30",
+                           "--device", "cpu", "--dtype", "float32"]) == 0
+        answer = capsys.readouterr().out.strip()
+        if template == "vicuna_v1":
+            # trained and prompted alike (" USER: ... ASSISTANT:"), stopped at the EOS it learned
+            assert answer == QA[0][1], answer
+        else:
+            # prompted "###Human: ...###Assistant:" and cut at the "###" it learned
+            assert answer and "#" not in answer and answer in QA[0][1], answer

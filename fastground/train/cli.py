@@ -195,6 +195,8 @@ def validate(cfg: TrainConfig, world_size: int) -> TrainConfig:
         raise ConfigError(f"--warmup-ratio must be below 1, got {cfg.warmup_ratio}")
     if cfg.num_workers is not None and cfg.num_workers < 0:
         raise ConfigError(f"--num-workers must be >= 0, got {cfg.num_workers}")
+    from fastground.train.loss_reduction import check_packing
+    check_packing(cfg.loss_reduction, cfg.packed)  # release: padded micro-batches only
     from fastground.config import PRESETS
     if cfg.preset is not None and cfg.preset not in PRESETS:
         raise ConfigError(f"--preset {cfg.preset!r} is unknown; choose one of {', '.join(sorted(PRESETS))}")
