@@ -266,3 +266,21 @@ def test_hub_id_tower_resolves_through_the_flag(ckpt, demo, tmp_path, capsys):
     (hub / "config.json").write_text(json.dumps(cfg))
     assert main(["--model", str(hub), "--vision-tower", str(tower), "--question", "Hello?",
                  "--max-new-tokens", "2"]) == 0
+
+
+def test_varlen_prefill_then_sdpa_decode_gives_the_same_tokens(tiny):
+    # The GPU backend without flash_attn (torch's varlen FlashAttention-2; its per-sequence
+    # reference on CPU) prefills; decode steps, whose queries are shorter than their keys,
+    # switch to SDPA for the loop and back after.
+    cfg = tiny.config
+    rows = [[1, 5, 6] + media_block(cfg, "image") + [7], [1, 9, 10, 11, 12, 13, 14, 15, 16]]
+    img = media_tensor(cfg, "image", 1, torch.Generator().manual_seed(1))
+    want = tiny.generate(rows, images=img, max_new_tokens=6).tokens
+    inner = tiny.model.config
+    old = inner._attn_implementation
+    inner._attn_implementation = "fastground_varlen"
+    try:
+        assert tiny.generate(rows, images=img, max_new_tokens=6).tokens == want
+        assert inner._attn_implementation == "fastground_varlen"
+    finally:
+        inner._attn_implementation = old
