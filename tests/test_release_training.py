@@ -221,8 +221,11 @@ def test_template_resolution():
 
 
 def test_release_inference_prompt_and_stop_rule():
+    # A release config.json: no "fastground" section, so no template recorded -> lego.
+    release = GroundingGPTConfig.from_preset("tiny").to_release_dict()
+    del release["fastground"]
+    t = template_for(GroundingGPTConfig.from_release_dict(release))
     # What the release's CLI builds: no space after "###", the media block first then "\n".
-    t = template_for(GroundingGPTConfig.from_preset("tiny"))
     assert t.inference_prompt("<image>\nWhere is the cat?") == (
         "A chat between a curious human and an artificial intelligence assistant. The assistant gives "
         "helpful, detailed, and polite answers to the human's questions.###Human: <image>\nWhere is the "

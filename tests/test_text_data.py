@@ -319,6 +319,18 @@ def test_lego_truncation_keeps_media_and_cuts_at_answers(ltok, lcfg):
         preprocess(TWO_TURNS, ltok, lcfg, max_length=45)
 
 
+def test_media_whitespace_stripped_in_training_kept_at_inference(ltok, lcfg):
+    from fastground.data.conversation import tokenize_prompt
+
+    text = "### Human: <image>\nWhat is it?"
+    block = _block("image", 16)
+    train = ltok.convert_ids_to_tokens(tokenize_prompt(text, ltok, lcfg, "lego", training=True))
+    infer = ltok.convert_ids_to_tokens(tokenize_prompt(text, ltok, lcfg, "lego", training=False))
+    # the release's slow tokenizer (training) strips both sides; its demo's fast one keeps them
+    assert train == ["<s>", "▁###", "▁Human:"] + block + ["▁What", "▁is", "▁it?"]
+    assert infer == ["<s>", "▁###", "▁Human:", "▁"] + block + ["▁\n", "▁What", "▁is", "▁it?"]
+
+
 def test_lego_never_tokenizes_patch_strings(ltok, lcfg):
     seen = []
 

@@ -158,4 +158,4 @@ def training_template(requested: str | None, recorded: str | None) -> tuple[Temp
         return t, why
     if recorded is not None:
         return get_template(recorded), "recorded in the starting checkpoint"
-    return get_template(None), "default (the release's)"
+    return get_template(None), "the default, the release's"
