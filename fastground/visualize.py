@@ -303,20 +303,28 @@ def _overlap(a, b) -> bool:
 
 
 def video_frames(path: str, n: int = 8, height: int = 72) -> list[tuple[float, Image.Image]]:
-    """n frames spread evenly over a video, as (time in seconds, thumbnail)."""
+    """n frames spread evenly over a video, as (time in seconds, thumbnail). Only the chosen
+    frames are converted and kept, so an hour-long film costs one decode pass, not its pixels."""
     import av
 
     with av.open(path) as c:
         s = c.streams.video[0]
-        frames = [(float(f.time if f.time is not None else k / float(s.average_rate or 25)),
-                   f.to_image()) for k, f in enumerate(c.decode(s))]
-    if not frames:
-        return []
-    pick = [frames[round(i * (len(frames) - 1) / max(1, n - 1))] for i in range(min(n, len(frames)))]
-    out = []
-    for t, im in pick:
-        w = max(1, round(im.width * height / im.height))
-        out.append((t, im.resize((w, height), Image.BILINEAR)))
+        rate = float(s.average_rate or 25)
+        total = s.frames or (int(c.duration / 1e6 * rate) if c.duration else 0)
+        if total <= 0:  # no count in the header: one pass to count
+            total = sum(1 for _ in c.decode(s))
+            c.seek(0)
+        want = sorted({round(i * (total - 1) / max(1, n - 1)) for i in range(min(n, total))})
+        out, k = [], 0
+        for idx, f in enumerate(c.decode(s)):
+            if idx == want[k]:
+                im = f.to_image()
+                w = max(1, round(im.width * height / im.height))
+                t = float(f.time) if f.time is not None else idx / rate
+                out.append((t, im.resize((w, height), Image.BILINEAR)))
+                k += 1
+                if k == len(want):
+                    break
     return out
 
 
