@@ -5,7 +5,8 @@
   sentences: [{sent, ...}]} - plus `instances.json` (COCO: images {id, file_name, width,
   height}, annotations {id, image_id, bbox: [x, y, w, h] in pixels}). One sample per
   sentence; the target box becomes relative to the padded square, as the model writes it.
-  Prompt "Output the coordinate of <exp>"; metric Acc@0.5 per split.
+  Prompt "Output the coordinate of <exp>"; metric Acc@0.5 per split, the IoU taken on the
+  original image's pixels (a predicted box is mapped back and cut at the image border).
 * Charades-STA (Table 3): `charades_sta_test.txt`, lines `VID START END##sentence`
   (seconds). Durations from `Charades_v1_test.csv` (`id`, `length`) when given, else read
   from the video file. Metric R@1 at IoU 0.3/0.5/0.7 and mIoU.
@@ -23,9 +24,9 @@ import os
 import pickle
 import re
 from dataclasses import asdict, dataclass, field
-from typing import Any, Iterable, Optional, Sequence
+from typing import Any, Iterable, Sequence
 
-from fastground.grounding import box_iou, box_to_relative, parse_box, parse_span, span_iou
+from fastground.grounding import box_iou, box_to_pixels, box_to_relative, parse_box, parse_span, span_iou
 
 REC_PROMPT = "Output the coordinate of {exp}"  # paper, section 4.2.1
 STA_PROMPT = "When did {exp} occur in the video?"  # paper Table 11, temporal grounding
@@ -267,8 +268,17 @@ def score(sample: Sample, answer: str) -> dict:
     """Per-sample record: the parsed prediction and its score (iou or correct)."""
     if sample.task in REC_TASKS:
         pred = parse_box(answer)
-        iou = box_iou(pred, sample.target) if pred is not None else 0.0
-        return {"pred": list(pred) if pred else None, "iou": iou}
+        if pred is None:
+            return {"pred": None, "iou": 0.0}
+        w, h = sample.meta.get("width"), sample.meta.get("height")
+        if w and h:
+            # Scored on the original image: the part of a box on the padding points at no
+            # pixel, so it is cut off (box_to_pixels) before the IoU with the true pixel box.
+            x, y, bw, bh = sample.meta["bbox_xywh"]
+            iou = box_iou(box_to_pixels(pred, w, h, clip=True), (x, y, x + bw, y + bh))
+        else:
+            iou = box_iou(pred, sample.target)
+        return {"pred": list(pred), "iou": iou}
     if sample.task == "charades":
         pred = parse_span(answer)
         iou = span_iou(pred, sample.target) if pred is not None else 0.0

@@ -384,6 +384,7 @@ def evaluate(argv=None, on_batch: Callable[[int], None] | None = None) -> dict:
               on_batch, rank)
     if world > 1:
         torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
     summary = {}
     if rank == 0:
         merged = read_done(out_dir)

@@ -75,6 +75,13 @@ def test_rec_metric_hand_worked():
     # shifted by half its width: inter 0.25*0.5, union 2*0.25-0.125 -> 1/3, a miss
     assert B.score(s, "[0.25,0.0,0.75,0.5]")["iou"] == pytest.approx(1 / 3)
     assert B.score(s, "no box here") == {"pred": None, "iou": 0.0}
+    # Scored on the image's pixels: 640x480 padded with 80 rows above and below. True box
+    # xywh (100,20,200,100) = pixels (100,20)-(300,120). The prediction (100,0)-(300,200) in
+    # the padded square reaches 80 rows into the top padding: cut at the border it is
+    # (100,0)-(300,120) on the image, IoU 100/120 (in the square it would be 100/200, a miss).
+    real = B.Sample("val/2", "refcoco", "val", "image", "x.jpg", "q", B.box_to_relative((100, 20, 300, 120), 640, 480),
+                    meta={"bbox_xywh": [100, 20, 200, 100], "width": 640, "height": 480})
+    assert B.score(real, f"[{100 / 640:.6f},0.0,{300 / 640:.6f},{200 / 640:.6f}]")["iou"] == pytest.approx(100 / 120)
     recs = [{"split": "val", "iou": 0.5}, {"split": "val", "iou": 1 / 3}, {"split": "val", "iou": 0.0},
             {"split": "val", "iou": 0.9}, {"split": "testA", "iou": 0.49}]
     assert B.rec_metrics(recs) == {"val": {"Acc@0.5": 50.0, "n": 4}, "testA": {"Acc@0.5": 0.0, "n": 1}}
