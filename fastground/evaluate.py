@@ -128,6 +128,14 @@ def _check_run(out_dir: str, identity: dict) -> None:
         os.replace(tmp, path)
 
 
+def plan_shard(samples: list[B.Sample], done, rank: int, world: int) -> tuple[list[B.Sample], list[B.Sample]]:
+    """(samples not scored yet, this rank's share of them). Every rank computes the same
+    list from the same files, so the shares are disjoint and cover it whatever the world
+    size of the run that wrote the files."""
+    todo = [s for s in samples if _key(s) not in done]
+    return todo, todo[rank::world]
+
+
 # ------------------------------------------------------------------------------ running
 @dataclass
 class EvalSettings:
@@ -372,8 +380,7 @@ def evaluate(argv=None, on_batch: Callable[[int], None] | None = None) -> dict:
     done = read_done(out_dir)
     if world > 1:
         torch.distributed.barrier()  # every rank has read what was done before anyone writes
-    todo = [s for s in samples if _key(s) not in done]
-    shard = todo[rank::world]
+    todo, shard = plan_shard(samples, done, rank, world)
     if rank == 0 and done:
         print(f"resuming: {len(samples) - len(todo)} of {len(samples)} samples already scored", file=sys.stderr)
 

@@ -107,3 +107,31 @@ def test_evaluate_refuses_another_runs_folder_and_bad_data(demo_ckpt, tmp_path, 
     with pytest.raises(SystemExit):
         evaluate(["--task", "charades", "--data", str(tmp_path / "missing.txt")] + base)
     assert "--data" in capsys.readouterr().err
+
+
+def test_shards_are_disjoint_and_cover_what_is_left_for_any_world_size():
+    from fastground import benchmarks as B
+    from fastground.evaluate import plan_shard
+
+    samples = [B.Sample(f"val/{i}", "refcoco", "val", "image", "x", "q", (0, 0, 1, 1)) for i in range(11)]
+    done = {f"refcoco:val/{i}": {} for i in (0, 3, 4)}  # written by an earlier run of any size
+    for world in (1, 2, 3):
+        parts = [plan_shard(samples, done, r, world) for r in range(world)]
+        todo = parts[0][0]
+        ids = [s.id for _, shard in parts for s in shard]
+        assert sorted(ids) == sorted(s.id for s in todo) and len(ids) == len(set(ids)) == 8
+
+
+def test_a_corrupt_image_is_skipped_and_counted(demo_ckpt, tmp_path):
+    import shutil
+
+    demo, ckpt = demo_ckpt
+    data = tmp_path / "heldout"
+    shutil.copytree(demo / "heldout", data)
+    (data / "images" / "img_h0000.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    summary = evaluate(["--task", "refcoco", "--model", str(ckpt), "--data", str(data), "--out", str(tmp_path / "e"),
+                        "--workers", "0", "--no-progress", "--limit", "3", "--max-new-tokens", "2"])
+    assert summary["refcoco"]["skipped"] >= 1 and summary["refcoco"]["n"] + summary["refcoco"]["skipped"] == 3
+    bad = [r for r in _lines(tmp_path / "e") if r.get("error")]
+    assert bad and "img_h0000.png" in bad[0]["error"]
+    assert "media failed to load" in (tmp_path / "e" / "results.md").read_text()

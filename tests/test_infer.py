@@ -218,6 +218,44 @@ def test_chat_keeps_history_and_streams(demo, ckpt, monkeypatch, capsys):
     assert out.count("ASSISTANT: ") == 2 and len(seen) == 3
 
 
+def test_chat_second_turn_carries_the_first(tiny):
+    from fastground.data.templates import VICUNA_V1
+    from fastground.infer import chat
+
+    class Tok:  # ids are characters' codes modulo a small range, decode is a fixed word
+        eos_token_id, pad_token_id, bos_token_id = 2, 0, 1
+
+        def __call__(self, text):
+            return type("E", (), {"input_ids": [1] + [3 + ord(c) % 200 for c in text]})()
+
+        def decode(self, ids, skip_special_tokens=True):
+            return "ok" * len(ids)
+
+    prompts, written = [], []
+    real = tiny.generate
+
+    def spy(rows, **kw):
+        prompts.append(rows[0].tolist())
+        return real(rows, **kw)
+
+    tiny.generate = spy
+    try:
+        from fastground.model.generation import GenerationConfig
+        questions = iter(["first?", "second?", "exit"])
+        tiny.config.conversation_template = "vicuna_v1"
+        chat(tiny, Tok(), None, {}, GenerationConfig(max_new_tokens=2, stop_strings=VICUNA_V1.stop_strings),
+             read=lambda _: next(questions), write=written.append)
+    finally:
+        del tiny.generate
+        tiny.config.conversation_template = None
+    assert len(prompts) == 2
+    first, second = prompts
+    answer = [3 + ord(c) % 200 for c in " " + "okok" + "</s>"]
+    # the second prompt is the first prompt with its answer, then the new question
+    assert second[:len(first)] == first and len(second) > len(first) + len(answer)
+    assert "".join(written).count("ASSISTANT: ") == 2
+
+
 def test_cli_rejects_bad_input_before_loading(demo, ckpt, tmp_path, capsys):
     model_dir = tmp_path / "m"
     os.makedirs(model_dir)
