@@ -1,6 +1,6 @@
 """Swap a model's reference modules for the fast ones in place, and back.
 
-    fastground.patch(model)     # Q-Formers, adapters and the video/audio branches
+    fastground.patch(model)     # Q-Formers, adapters, the video/audio branches, Llama layers
     fastground.unpatch(model)
 
 Swapping changes the class of each module (the fast classes add no state), so the
@@ -35,9 +35,14 @@ def is_patched(model: nn.Module) -> bool:
     return getattr(_inner(model), "_fastground_patched", False)
 
 
-def patch(model: nn.Module) -> nn.Module:
+def patch(model: nn.Module, branches: bool = True, llama: bool = True) -> nn.Module:
+    """branches: the Q-Formers, adapters and projections; llama: fused RMSNorm, RoPE and
+    SwiGLU in the backbone's layers (fastground.fast.llama)."""
     inner = _inner(model)
-    if is_patched(model):
+    if llama:
+        from fastground.fast.llama import patch_llama
+        patch_llama(model)
+    if not branches or is_patched(model):
         return model
     for name in QFORMERS:
         q = getattr(inner, name, None)
@@ -60,6 +65,8 @@ def patch(model: nn.Module) -> nn.Module:
 
 def unpatch(model: nn.Module) -> nn.Module:
     inner = _inner(model)
+    from fastground.fast.llama import unpatch_llama
+    unpatch_llama(model)
     for name in QFORMERS:
         q = getattr(inner, name, None)
         if isinstance(q, FastQFormer):

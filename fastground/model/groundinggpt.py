@@ -155,7 +155,7 @@ class GroundingGPTModel(LlamaModel):
 @dataclass
 class GroundingGPTOutput:
     loss: torch.Tensor | None
-    logits: torch.Tensor
+    logits: torch.Tensor | None  # None when the fused training loss ran without return_logits
     n_tokens: int = 0  # answer tokens the loss averaged over
 
 
@@ -174,15 +174,19 @@ class GroundingGPT(nn.Module):
             patch(self)
 
     # ------------------------------------------------------------------ embeddings
-    def embed(self, input_ids: torch.Tensor, images=None, videos=None, sounds=None) -> torch.Tensor:
+    def embed(self, input_ids: torch.Tensor, images=None, videos=None, sounds=None,
+              media_checked: bool = False) -> torch.Tensor:
         """Token embeddings with every media block's patch tokens replaced by its branch
-        output. Vectorised: one masked_scatter per modality, media in batch-then-position order."""
+        output. Vectorised: one masked_scatter per modality, media in batch-then-position order.
+        media_checked: the caller ran check_media_blocks on these ids (the trainer's collate
+        does, on the CPU copy), which spares the device a host sync per check."""
         emb = self.model.embed_tokens(input_ids)
         for modality, media, encode in (("image", images, self.model.encode_images),
                                         ("video", videos, self.model.encode_videos),
                                         ("sound", sounds, self.model.encode_sounds)):
             n_media = 0 if media is None else media.shape[0]
-            check_media_blocks(input_ids, self.config, modality, n_media)
+            if not media_checked:
+                check_media_blocks(input_ids, self.config, modality, n_media)
             if n_media == 0:
                 continue
             feats = encode(media).to(emb.dtype)
@@ -191,6 +195,10 @@ class GroundingGPT(nn.Module):
             emb = emb.masked_scatter(mask, feats.reshape(-1, feats.shape[-1]))
         return emb
 
+    # Training loss: answer-only chunked linear cross-entropy (kernels/fused_ce.py) instead of
+    # logits of every position; the trainer turns it on (--fused-loss), callers asking for
+    # logits get them either way (return_logits=True).
+    fused_loss: bool = False
     # Stage 1 of the release: media samples train only the media start/end embedding rows
     # (set by fastground.model.stages.set_stage).
     stage1_embeddings: bool = False
@@ -198,8 +206,13 @@ class GroundingGPT(nn.Module):
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 labels: torch.Tensor | None = None, images=None, videos=None, sounds=None,
                 position_ids: torch.Tensor | None = None, cu_seqlens: torch.Tensor | None = None,
-                max_seqlen: int | None = None, **_) -> GroundingGPTOutput:
-        emb = self.embed(input_ids, images, videos, sounds)
+                max_seqlen: int | None = None, media_checked: bool = False,
+                answer_index: torch.Tensor | None = None, answer_targets: torch.Tensor | None = None,
+                n_answer: int | None = None, return_logits: bool | None = None, **_) -> GroundingGPTOutput:
+        """answer_index / answer_targets / n_answer: the flat (batch x length) positions whose
+        next token is an answer token, those tokens and their count, as the trainer's collate
+        makes them on the CPU (computed here from labels when not given, at one host sync)."""
+        emb = self.embed(input_ids, images, videos, sounds, media_checked)
         if self.stage1_embeddings and self.training:
             emb = detach_text_embeddings(emb, input_ids, self.config, cu_seqlens)
         kwargs = {}
@@ -208,12 +221,25 @@ class GroundingGPT(nn.Module):
                           max_length_q=max_seqlen, max_length_k=max_seqlen)
         hidden = self.model(inputs_embeds=emb, attention_mask=attention_mask, position_ids=position_ids,
                             use_cache=False, **kwargs).last_hidden_state
-        logits = self.lm_head(hidden)
+        fused = self.fused_loss and labels is not None
+        logits = self.lm_head(hidden) if (return_logits or not fused) else None
         loss, n = None, 0
         if labels is not None:
-            shift_labels = labels[:, 1:]
-            n = int((shift_labels != -100).sum())
-            loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), shift_labels.flatten(), ignore_index=-100)
+            if answer_index is None:
+                target = labels[:, 1:]
+                pos = (target != -100).nonzero()
+                answer_index = pos[:, 0] * labels.shape[1] + pos[:, 1]
+                answer_targets = target[pos[:, 0], pos[:, 1]]
+                n_answer = int(pos.shape[0])
+            n = int(n_answer) if n_answer is not None else int(answer_index.numel())
+            if fused:
+                from fastground.kernels.fused_ce import linear_cross_entropy
+                h = hidden.flatten(0, 1).index_select(0, answer_index)
+                loss = linear_cross_entropy(h, self.lm_head.weight, answer_targets, self.lm_head.bias) / max(n, 1)
+            elif n == 0:  # no answer token: a zero that still reaches every trainable tensor
+                loss = logits.float().sum() * 0.0
+            else:
+                loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100)
         return GroundingGPTOutput(loss, logits, n)
 
     def train(self, mode: bool = True):

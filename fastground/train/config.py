@@ -101,9 +101,19 @@ class TrainConfig:
     demo_data: str = _opt(DEMO_DATA, "where the demo data is generated and read when --data is not given")
     max_length: int = _opt(2048, "maximum tokens per sample (longer ones are truncated or skipped "
                                  "by the dataset)")
-    packed: bool = _opt(False, "pack each micro-batch into one row without padding (varlen attention)")
+    packed: bool | None = _opt(None, "pack each step's samples into rows without padding, micro-batches "
+                                     "filled up to --max-tokens (default: on wherever a varlen attention "
+                                     "runs: FlashAttention-2 / torch varlen on GPU, SDPA on CPU); "
+                                     "--no-packed: padded micro-batches of --micro-batch samples")
+    max_tokens: int | None = _opt(None, "token budget of one packed micro-batch (default: micro batch x "
+                                        "max length, the padded worst case)")
     num_workers: int | None = _opt(None, "DataLoader workers per process (default: 4 on GPU, 0 on CPU)")
     video_backend: str = _opt("pyav", "video decoder", choices=("pyav", "dali"))
+    feature_cache: str | None = _opt(None, "read the frozen encoders' outputs from this cache (made by "
+                                           "python -m fastground.features) instead of decoding media and "
+                                           "running EVA/CLIP/ImageBind; media it lacks are encoded first")
+    cache_strict: bool = _opt(False, "with --feature-cache: refuse to start when the cache lacks any "
+                                     "media of the data instead of encoding it")
     max_bad_fraction: float = _opt(0.05, "stop when more than this fraction of samples fail to load")
 
     # --- optimisation (Table 9)
@@ -132,8 +142,24 @@ class TrainConfig:
                                   "(CPU); bf16 keeps fp32 master weights in the optimizer",
                           choices=("auto", "bf16", "fp32"))
     tf32: bool = _opt(True, "allow TF32 matmuls on Ampere+ GPUs (as the paper)")
-    gradient_checkpointing: bool | None = _opt(None, "recompute LLM activations in backward "
-                                                     "(default: on, off for the tiny preset)")
+    gradient_checkpointing: bool | None = _opt(None, "same as --checkpointing full / none (kept for "
+                                                     "older configs)")
+    checkpointing: str | None = _opt(None, "activation checkpointing of the LLM layers: full (recompute "
+                                           "each layer), selective (keep matmul outputs, recompute norms, "
+                                           "activations and RoPE), none (default: the least recomputation "
+                                           "whose memory estimate fits the device; the log prints it)",
+                                     choices=("full", "selective", "none"))
+    fast_path: bool | None = _opt(None, "run the Triton-fused Q-Formers (the frozen frame Q-Former "
+                                        "too), adapters and projections (default: on where Triton runs: a "
+                                        "CUDA device or TRITON_INTERPRET=1)")
+    fused_llama: bool | None = _opt(None, "fused RMSNorm, RoPE and SwiGLU kernels in the LLM layers "
+                                          "(default: with --fast-path)")
+    fused_loss: bool = _opt(True, "answer-only chunked linear cross-entropy: lm_head only on answer "
+                                  "positions, never a tokens x vocab tensor (--no-fused-loss: logits of "
+                                  "every position, then cross-entropy)")
+    cpu_threads: int | None = _opt(None, "torch threads per process on CPU (default: OMP_NUM_THREADS if "
+                                         "set, else 1 for models narrower than 512, else the cores / "
+                                         "local processes)")
     zero_stage: int = _opt(2, "DeepSpeed ZeRO stage (the paper: 2)", choices=(0, 1, 2))
     deepspeed_config: str | None = _opt(None, "your own DeepSpeed JSON; \"auto\" values and missing "
                                               "batch fields are filled from these settings, an "
@@ -200,8 +226,8 @@ class TrainConfig:
             c.lr = d["lr"]
         if c.max_steps is None and "max_steps" in d and c.epochs == 1:
             c.max_steps = d["max_steps"]
-        if c.gradient_checkpointing is None:
-            c.gradient_checkpointing = not tiny
+        if c.checkpointing is None and c.gradient_checkpointing is not None:
+            c.checkpointing = "full" if c.gradient_checkpointing else "none"
         c.global_batch, c.micro_batch, c.grad_accum = batch_sizes(
             self.global_batch, self.micro_batch, self.grad_accum, world_size, d)
         if c.alpha is None:

@@ -25,7 +25,6 @@ import logging
 import math
 import os
 import random
-import shutil
 import socket
 import sys
 import time
@@ -103,6 +102,31 @@ def _all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
     if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
         torch.distributed.all_reduce(t)
     return t.tolist()
+
+
+def _all_reduce_max(value: int, device: torch.device) -> int:
+    if not (torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1):
+        return value
+    t = torch.tensor([value], dtype=torch.int64, device=device)
+    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+    return int(t.item())
+
+
+# ---------------------------------------------------------------------------- CPU threads
+def cpu_threads(cfg: TrainConfig, hidden_size: int) -> int:
+    """Torch threads of this process on CPU. A model as narrow as the tiny demo's gives each
+    op microseconds of work, which OpenMP barriers of a second thread cost more than they
+    save (1 thread ran the demo 4-14x faster per step than 2 on a 2-core machine); wider
+    models split the cores between the processes of this machine."""
+    if cfg.cpu_threads:
+        return cfg.cpu_threads
+    env = os.environ.get("OMP_NUM_THREADS", "")
+    if env.isdigit() and int(env) > 0:
+        return int(env)
+    if hidden_size < 512:
+        return 1
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", 1) or 1)
+    return max(1, (os.cpu_count() or 1) // local)
 
 
 # ---------------------------------------------------------------------------- data-parallel gradients
@@ -376,6 +400,13 @@ class StepStats:
     answer_tokens: int
     skipped: int
     grad_norm: float | None
+    computed_tokens: int = 0  # tokens the LLM computed, padding included
+    micro_batches: int = 0
+
+    @property
+    def padding_waste(self) -> float:
+        """Computed / real tokens (1.0: no padding)."""
+        return self.computed_tokens / max(self.tokens, 1)
 
 
 def _prepare_output(cfg: TrainConfig, rank: int) -> str:
@@ -416,16 +447,6 @@ def _data_files(cfg: TrainConfig, info: DistInfo):
                 prev_data = demo["prev_data"]
             folders = {m: folders[m] or demo[m] for m in folders}
     return data, prev_data, folders, tok_dir
-
-
-def _enable_gradient_checkpointing(model) -> None:
-    # Non-reentrant: the reentrant variant drops the gradients of a layer whose input does
-    # not require grad (stage 1, where only media positions carry trainable features).
-    kwargs = {"use_reentrant": False}
-    if hasattr(model.model, "activation_checkpointing_enable"):  # transformers >= 5.x name
-        model.model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
-    else:
-        model.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
 
 def _make_engine(cfg: TrainConfig, model, trainable: dict, total: int, warm: int, bf16: bool, info: DistInfo):
@@ -483,6 +504,7 @@ def _resume_or_seed(cfg: TrainConfig, engine, td, output: str, info: DistInfo, t
 def build_run(cfg: TrainConfig, info: DistInfo) -> Run:
     """Output folder, data, model, DeepSpeed engine, resume state, loader and metrics."""
     from fastground.train import guards
+    from fastground.train import fast_engine
     from fastground.train.data import build_train_data
     from fastground.train.metrics import Metrics, path_params, peak_flops
 
@@ -508,11 +530,19 @@ def build_run(cfg: TrainConfig, info: DistInfo) -> Run:
         log.info("max length %d > the model's %d positions: using %d", cfg.max_length,
                  model.config.max_position_embeddings, model.config.max_position_embeddings)
         cfg = dataclasses.replace(cfg, max_length=model.config.max_position_embeddings)
+    if device.type == "cpu":
+        threads = cpu_threads(cfg, model.config.hidden_size)
+        torch.set_num_threads(threads)
+        log.info("CPU: %d torch thread(s) per process (--cpu-threads)", threads)
     if cfg.lora:
         add_lora(model, cfg)
     trainable = trainable_set(model, cfg.stage, cfg.lora)
-    if cfg.gradient_checkpointing:
-        _enable_gradient_checkpointing(model)
+    cfg = fast_engine.apply_fast_path(cfg, model, device)
+    cfg = dataclasses.replace(cfg, packed=check_packing(cfg.loss_reduction, cfg.packed))
+    packed, max_tokens = fast_engine.packing(cfg, model)
+    cfg = dataclasses.replace(cfg, packed=packed, max_tokens=max_tokens)
+    cfg = dataclasses.replace(cfg, checkpointing=fast_engine.apply_checkpointing(cfg, model, trainable, bf16,
+                                                                                 world, device))
     n_train = sum(p.numel() for p in trainable.values())
     n_all = sum(p.numel() for p in model.parameters())
     log.info("trainable: %s of %s parameters (%d tensors)%s", f"{n_train:,}", f"{n_all:,}", len(trainable),
@@ -534,7 +564,8 @@ def build_run(cfg: TrainConfig, info: DistInfo) -> Run:
 
     stop = total if cfg.stop_after is None else min(total, cfg.stop_after)
     num_workers = cfg.num_workers if cfg.num_workers is not None else (4 if device.type == "cuda" else 0)
-    loader = td.loader(step, num_workers, cfg.packed, cfg.max_length, cfg.seed, device.type == "cuda")
+    loader = td.loader(step, num_workers, cfg.packed, cfg.max_length, cfg.seed, device.type == "cuda",
+                       cfg.max_tokens)
     metrics = Metrics(output, total, step, rank, world, device, path_params(engine.module, trainable),
                       peak_flops(device, cfg.peak_tflops), cfg.tensorboard, cfg.progress, cfg.log_every)
     settings = dict(cfg.to_dict(), world_size=world, precision="bf16" if bf16 else "fp32",
@@ -546,35 +577,45 @@ def build_run(cfg: TrainConfig, info: DistInfo) -> Run:
 
 
 def next_micro_batches(run: Run) -> list[dict]:
-    """The micro-batches of this rank for the next optimizer step."""
+    """The micro-batches of this rank for the next optimizer step: --grad-accum padded ones,
+    or as many packed ones as the step's samples fill."""
+    if run.cfg.packed:
+        return next(run.batches)
     return [next(run.batches) for _ in range(run.cfg.grad_accum)]
 
 
 def train_step(run: Run, micro: list[dict]) -> StepStats:
-    """One optimizer step over this rank's micro-batches: forward, backward, update."""
-    from fastground.train.data import batch_counts
+    """One optimizer step over this rank's micro-batches: forward, backward, update.
+
+    Host syncs: two all-reduces of a few integers up front (token counts, micro-batch count)
+    and the loss and gradient norm at the end; none per micro-batch (the collate counted the
+    answer tokens and checked the media blocks on the CPU)."""
+    from fastground.train.data import empty_batch
     engine, device, world = run.engine, run.info.device, run.info.world_size
     t0 = time.perf_counter()
     lr = engine.get_lr()[0]
-    local = [0.0, 0.0, 0.0, 0.0]  # answer tokens, LLM tokens, samples, skipped
+    local = [0.0, 0.0, 0.0, 0.0, 0.0]  # answer tokens, real LLM tokens, samples, skipped, computed tokens
     for b in micro:
-        answer, seen = batch_counts(b)
-        local[0] += answer
-        local[1] += seen
+        local[0] += b["n_answer"]
+        local[1] += b.pop("_tokens")
         local[2] += b.pop("_samples")
         local[3] += b.pop("_skipped")
-    answer_tokens, tokens, samples, skipped = _all_reduce_sum(local, device)
+        local[4] += b.pop("_computed")
+    answer_tokens, tokens, samples, skipped, computed = _all_reduce_sum(local, device)
+    # Packed steps hold a varying number of micro-batches; ZeRO-2 reduces gradients in every
+    # backward, so every rank runs as many (the short ones add empty micro-batches).
+    n_micro = _all_reduce_max(len(micro), device) if run.cfg.packed else len(micro)
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
-    for b in micro:
+    for k in range(n_micro):
+        b = micro[k] if k < len(micro) else empty_batch(run.td.pad_token_id)
         b = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in b.items()}
+        engine.set_gradient_accumulation_boundary(k == n_micro - 1)
         anchor = branch_anchor(engine.module)
         out = engine(**b)
-        if out.n_tokens > 0:
-            token_loss = out.loss.float() * out.n_tokens
-        else:  # no answer token here: a zero loss that still reaches the LLM
-            token_loss = out.logits.float().sum() * 0.0
+        # out.loss is the micro-batch's mean, connected to every LLM tensor even without answers
+        token_loss = out.loss.float() * out.n_tokens
         # --loss-reduction: this micro-batch's share of the step loss (train/loss_reduction.py)
-        weight = micro_batch_weight(run.cfg.loss_reduction, out.n_tokens, answer_tokens, world, len(micro))
+        weight = micro_batch_weight(run.cfg.loss_reduction, out.n_tokens, answer_tokens, world, n_micro)
         engine.backward(token_loss * weight + 0.0 * anchor, scale_wrt_gas=False)
         engine.step()
         loss_sum += token_loss.detach().double() * weight
@@ -582,7 +623,8 @@ def train_step(run: Run, micro: list[dict]) -> StepStats:
     gn = engine.get_global_grad_norm()
     gn = float(gn) if gn is not None and math.isfinite(float(gn)) else None
     return StepStats(loss=loss, lr=lr, seconds=time.perf_counter() - t0, tokens=int(tokens), samples=int(samples),
-                     answer_tokens=int(answer_tokens), skipped=int(skipped), grad_norm=gn)
+                     answer_tokens=int(answer_tokens), skipped=int(skipped), grad_norm=gn,
+                     computed_tokens=int(computed), micro_batches=n_micro)
 
 
 def _save(run: Run) -> str:
@@ -631,7 +673,7 @@ def _train(cfg: TrainConfig, info: DistInfo) -> TrainResult:
             run.counters["samples"] += s.samples
             run.counters["skipped"] += s.skipped
             run.metrics.step(run.step, s.loss, s.lr, s.seconds, s.tokens, s.samples, s.answer_tokens, s.skipped,
-                             s.grad_norm)
+                             s.grad_norm, padding_waste=s.padding_waste, micro_batches=s.micro_batches)
             result.losses.append((run.step, s.loss))
             if not math.isfinite(s.loss):
                 raise FloatingPointError(f"step {run.step}: loss is {s.loss}")

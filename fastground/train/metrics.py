@@ -44,6 +44,13 @@ def peak_flops(device: torch.device, override_tflops: float | None) -> float | N
     return None
 
 
+def mfu(flops_per_token: float, tokens: float, seconds: float, devices: int, peak: float) -> float:
+    """Model FLOPs utilisation, the one definition the trainer and bench/ share: useful model
+    FLOPs (flops_per_token x real tokens, see the module docstring) per second over the
+    devices' datasheet peak."""
+    return flops_per_token * tokens / seconds / (devices * peak)
+
+
 class _NONE:
     name = role = None
 
@@ -94,7 +101,9 @@ class Metrics:
                             desc="train")
 
     def step(self, step: int, loss: float, lr: float, step_time: float, tokens: int, samples: int,
-             answer_tokens: int, skipped: int, grad_norm: float | None) -> dict | None:
+             answer_tokens: int, skipped: int, grad_norm: float | None, padding_waste: float | None = None,
+             micro_batches: int | None = None) -> dict | None:
+        """padding_waste: tokens the LLM computed / real tokens (1.0 when packed)."""
         if not self.active:
             return None
         self.recent.append(step_time)
@@ -105,13 +114,17 @@ class Metrics:
                "eta_s": avg * (self.total - step)}
         if grad_norm is not None:
             rec["grad_norm"] = grad_norm
+        if padding_waste is not None:
+            rec["padding_waste"] = padding_waste
+        if micro_batches is not None:
+            rec["micro_batches"] = micro_batches
         if skipped:
             rec["skipped_samples"] = skipped
         if self.device.type == "cuda":
             rec["peak_mem_gib"] = torch.cuda.max_memory_allocated(self.device) / 2**30
             torch.cuda.reset_peak_memory_stats(self.device)
             if self.peak:
-                rec["mfu"] = self.flops_per_token * tokens / step_time / (self.world_size * self.peak)
+                rec["mfu"] = mfu(self.flops_per_token, tokens, step_time, self.world_size, self.peak)
         if step % self.log_every == 0 or step == self.total:
             self.file.write(json.dumps(rec) + "\n")
             self.file.flush()
@@ -122,6 +135,8 @@ class Metrics:
         if self.bar is not None:
             post = {"loss": f"{loss:.4f}", "lr": f"{lr:.2e}", "tok/s": f"{rec['tokens_per_s']:.0f}",
                     "samp/s": f"{rec['samples_per_s']:.1f}", "step": f"{step_time:.2f}s"}
+            if padding_waste is not None:
+                post["pad"] = f"x{padding_waste:.2f}"
             if "peak_mem_gib" in rec:
                 post["mem"] = f"{rec['peak_mem_gib']:.1f}G"
             if "mfu" in rec:
@@ -130,9 +145,9 @@ class Metrics:
             self.bar.update(1)
         elif time.perf_counter() - self.last_text_log > 30 or step == self.total:
             self.last_text_log = time.perf_counter()
-            log.info("step %d/%d loss %.4f lr %.2e %.0f tok/s %.1f samples/s %.2fs/step eta %.0fs",
+            log.info("step %d/%d loss %.4f lr %.2e %.0f tok/s %.1f samples/s %.2fs/step padding x%.2f eta %.0fs",
                      step, self.total, loss, lr, rec["tokens_per_s"], rec["samples_per_s"], step_time,
-                     rec["eta_s"])
+                     padding_waste or 1.0, rec["eta_s"])
         return rec
 
     def note(self, text: str) -> None:
