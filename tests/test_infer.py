@@ -196,7 +196,7 @@ def test_cli_answers_and_draws(demo, ckpt, tmp_path, capsys):
     assert out.is_file() and out.stat().st_size > 0
     sound = next(s for s in data if "sound" in s)["sound"]
     out2 = tmp_path / "timeline.png"
-    assert main(["--model", str(ckpt), "--sound", str(demo / sound), "--question", "When?",
+    assert main(["--model", str(ckpt), "--sound", str(demo / sound), "--question", "When?", "--dtype", "bfloat16",
                  "--max-new-tokens", "3", "--temperature", "0.7", "--top-p", "0.9", "--out", str(out2)]) == 0
     from PIL import Image
     assert Image.open(out2).height > 150  # spans plus the waveform strip

@@ -210,7 +210,9 @@ def generate(model, input_ids, attention_mask: torch.Tensor | None = None, image
     out: list[list[int]] = [[] for _ in range(batch)]
     texts: list[Optional[str]] = [None] * batch
     reasons = ["length"] * batch
-    done = torch.zeros(batch, dtype=torch.bool, device=device)
+    # Finished rows, kept on the host: the stop rules are tested there anyway, and reading a
+    # device flag per row would cost a sync per row per step.
+    done = [False] * batch
     try:
         emb = model.embed(ids, **media)
         positions = (mask.cumsum(1) - 1).clamp(min=0)
@@ -222,7 +224,9 @@ def generate(model, input_ids, attention_mask: torch.Tensor | None = None, image
             for step in range(cfg.max_new_tokens):
                 logits = model.lm_head(hidden[:, -1])
                 nxt = sample_next(logits, cfg, generator)
-                nxt = torch.where(done, torch.full_like(nxt, cfg.pad_token_id), nxt)
+                if any(done):
+                    frozen = torch.tensor(done, device=device)
+                    nxt = torch.where(frozen, torch.full_like(nxt, cfg.pad_token_id), nxt)
                 # One host transfer per step: needed anyway to test the stop rules.
                 host = nxt.tolist()
                 for i, t in enumerate(host):
@@ -242,7 +246,7 @@ def generate(model, input_ids, attention_mask: torch.Tensor | None = None, image
                             texts[i] = text[:cut]
                             reasons[i] = "stop"
                             done[i] = True
-                if bool(done.all()) or step == cfg.max_new_tokens - 1:
+                if all(done) or step == cfg.max_new_tokens - 1:
                     break
                 mask = torch.cat([mask, torch.ones((batch, 1), dtype=mask.dtype, device=device)], 1)
                 hidden = inner(inputs_embeds=inner.embed_tokens(nxt[:, None]), attention_mask=mask,
