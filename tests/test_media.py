@@ -214,6 +214,14 @@ def test_dali_decodes_the_same_frames_as_pyav(demo, truth):
         assert torch.equal(a, b), rel
 
 
+# DALI CPU vs PyAV on the demo videos, 0-255 units before normalisation. Measured (see
+# fastground/data/video.py): max |diff| 15, mean |diff| per clip 0.04, 0.15% of values off by
+# more than 2; each bound leaves ~1/3 margin for other seeds.
+DALI_VIDEO_MAX_ABS_DIFF = 20
+DALI_VIDEO_MEAN_ABS_DIFF = 0.06
+DALI_VIDEO_FRAC_ABOVE_2 = 0.003
+
+
 @pytest.mark.requires("nvidia.dali")
 def test_dali_vs_pyav_within_documented_bound(demo, truth):
     pyav, dali = V.get_decoder("pyav"), V.get_decoder("dali")
@@ -228,16 +236,16 @@ def test_dali_vs_pyav_within_documented_bound(demo, truth):
             worst_max = max(worst_max, int(d.max()))
             worst_mean = max(worst_mean, float(d.float().mean()))
             worst_frac = max(worst_frac, float((d > 2).float().mean()))
-    assert worst_max <= V.DALI_CPU_MAX_ABS_DIFF
-    assert worst_mean <= V.DALI_CPU_MEAN_ABS_DIFF
-    assert worst_frac <= V.DALI_CPU_FRAC_ABOVE_2
+    assert worst_max <= DALI_VIDEO_MAX_ABS_DIFF
+    assert worst_mean <= DALI_VIDEO_MEAN_ABS_DIFF
+    assert worst_frac <= DALI_VIDEO_FRAC_ABOVE_2
     # Normalised outputs: DALI normalises in its own crop_mirror_normalize.
     cfg = GroundingGPTConfig.from_preset("tiny")
     rel = next(iter(truth["videos"]))
     xa = V.load_video(demo / rel, cfg, backend="pyav")
     xb = V.load_video(demo / rel, cfg, backend="dali")
     assert xb.shape == xa.shape and xb.dtype == torch.float32
-    assert (xa - xb).abs().max() <= V.DALI_CPU_MAX_ABS_DIFF / 255 / min(CLIP_STD) + 1e-5
+    assert (xa - xb).abs().max() <= DALI_VIDEO_MAX_ABS_DIFF / 255 / min(CLIP_STD) + 1e-5
 
 
 @pytest.mark.requires("nvidia.dali")
@@ -403,8 +411,9 @@ def test_in_place_means_and_channel_rule():
     rng = np.random.default_rng(0)
     w = torch.from_numpy(rng.standard_normal((2, 1000)).astype(np.float32) + np.array([[1.0], [3.0]], np.float32))
     bounds = [(0, 600), (400, 1000)]
+    before = w.clone()
     clips = A.place_clips(w, bounds)
-    assert torch.equal(w, w.clone())  # caller's tensor untouched
+    assert torch.equal(w, before)  # caller's tensor untouched (the in-place means work on a copy)
     ref = w.clone().double()
     m0 = ref[:, 0:600].mean()  # mean over BOTH channels
     ref[:, 0:600] -= m0
@@ -431,22 +440,54 @@ def test_load_audio_layout_and_normalisation(demo, truth, cfg):
     assert torch.allclose(x[0, 0, :, :198], (f.T + 4.268) / 9.138)
 
 
+# DALI vs the torch reference on the demo sounds, normalised units (1 = 9.138 in log-mel).
+# Measured on all 60 files (16 kHz mono, 44.1 kHz stereo), real frames 0-197:
+# - mel bins 10-127: max |diff| 0.039;
+# - mel bins 0-9: DALI's spectrogram has no per-frame DC removal, and the DC leaks into the
+#   lowest filters where a frame has little energy of its own: max |diff| 0.99 in quiet
+#   cells, but where the reference lies above ImageBind's mean level (normalised value > 0)
+#   max |diff| 0.085; mean |diff| per file 0.115 (a one-bin shift of the filters gives 0.37
+#   on those loud cells);
+# - all bins: mean |diff| per file 0.0092.
+# The bounds leave ~25% margin.
+DALI_AUDIO_LOW_BINS = 10
+DALI_AUDIO_MAX_ABS_DIFF = 1.25
+DALI_AUDIO_HIGH_BINS_MAX_ABS_DIFF = 0.05
+DALI_AUDIO_LOW_BINS_LOUD_MAX_ABS_DIFF = 0.11
+DALI_AUDIO_LOW_BINS_MEAN_ABS_DIFF = 0.15
+DALI_AUDIO_MEAN_ABS_DIFF = 0.012
+
+
 @pytest.mark.requires("nvidia.dali")
 def test_dali_audio_within_documented_bound(demo, truth, cfg):
-    sounds = list(truth["sounds"].items())
-    picked = [r for r, i in sounds if i["sample_rate"] == 16000][:4] + \
-             [r for r, i in sounds if i["sample_rate"] == 44100][:2]
-    worst = [0.0, 0.0, 0.0]
+    low = DALI_AUDIO_LOW_BINS
+    worst = dict(all=0.0, high=0.0, low_loud=0.0, low_mean=0.0, mean=0.0)
+    loud_cells = 0
+    # every low tone (energy in bins 0-9) and a quarter of the rest; the bound was measured on all 60
+    sounds = sorted(truth["sounds"])
+    picked = [r for r in sounds if truth["sounds"][r]["kind"] == "low_tone"]
+    picked += [r for r in sounds if r not in picked][::4]
     for rel in picked:
         a = A.load_audio(demo / rel, cfg)
         b = A.dali_audio_features(demo / rel, cfg)
         assert b.shape == a.shape and b.dtype == torch.float32
+        a, b = a[..., :198], b[..., :198]  # the real frames of a 2 s clip; the rest is padding
         d = (a - b).abs()
-        worst = [max(worst[0], float(d.max())), max(worst[1], float(d[:, :, A.DALI_LOW_BINS:].max())),
-                 max(worst[2], float(d.mean()))]
-    assert worst[0] <= A.DALI_MAX_ABS_DIFF
-    assert worst[1] <= A.DALI_MAX_ABS_DIFF_HIGH_BINS
-    assert worst[2] <= A.DALI_MEAN_ABS_DIFF
+        loud = a[:, :, :low] > 0
+        loud_cells += int(loud.sum())
+        worst["all"] = max(worst["all"], float(d.max()))
+        worst["high"] = max(worst["high"], float(d[:, :, low:].max()))
+        if loud.any():
+            worst["low_loud"] = max(worst["low_loud"], float(d[:, :, :low][loud].max()))
+        worst["low_mean"] = max(worst["low_mean"], float(d[:, :, :low].mean()))
+        worst["mean"] = max(worst["mean"], float(d.mean()))
+    assert {truth["sounds"][r]["sample_rate"] for r in picked} == {16000, 44100}
+    assert loud_cells > 200, loud_cells  # the low-bin bound is checked on real energy, not vacuously
+    assert worst["all"] <= DALI_AUDIO_MAX_ABS_DIFF, worst
+    assert worst["high"] <= DALI_AUDIO_HIGH_BINS_MAX_ABS_DIFF, worst
+    assert worst["low_loud"] <= DALI_AUDIO_LOW_BINS_LOUD_MAX_ABS_DIFF, worst
+    assert worst["low_mean"] <= DALI_AUDIO_LOW_BINS_MEAN_ABS_DIFF, worst
+    assert worst["mean"] <= DALI_AUDIO_MEAN_ABS_DIFF, worst
 
 
 def _write_wav(path, samples, sr=16000):

@@ -1,7 +1,6 @@
 import json
 import os
 import sys
-import time
 from dataclasses import asdict
 
 import pytest
@@ -31,10 +30,8 @@ def test_mixed_batch_grads_land_on_stage_set(cfg, stage):
     model = tiny_model(cfg)
     trainable = set_stage(model, stage)
     model.train()
-    t0 = time.perf_counter()
     out = model(**mixed_batch(cfg))
     out.loss.backward()
-    assert time.perf_counter() - t0 < 5  # generous; the tiny preset takes ~0.1 s
     assert torch.isfinite(out.loss)
     got = {n for n, p in model.named_parameters() if p.grad is not None}
     assert got == set(trainable), (sorted(set(trainable) - got)[:5], sorted(got - set(trainable))[:5])
@@ -94,11 +91,11 @@ def test_frozen_encoders_stay_in_eval(cfg):
     assert model.model.video_Qformer.training
 
 
-def test_7b_on_meta_is_fast_and_sized_as_released():
-    t0 = time.perf_counter()
+def test_7b_on_meta_is_sized_as_released():
+    # Speed is measured in bench/, not asserted here; what matters is that nothing is allocated.
     with torch.device("meta"):
         model = GroundingGPT(GroundingGPTConfig.from_preset("groundinggpt-7b"))
-    assert time.perf_counter() - t0 < 30
+    assert all(t.is_meta for t in list(model.parameters()) + list(model.buffers()) if t.is_floating_point())
     r = parameter_report(model)
     assert 6.6e9 < r["backbone (Vicuna)"] < 6.8e9
     assert 0.95e9 < r["EVA ViT-g (video encoder)"] < 1.05e9
