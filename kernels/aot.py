@@ -13,7 +13,6 @@ caller gets a `CompiledInfo` carrying the same `.metadata` fields and `.asm` tex
 """
 from __future__ import annotations
 
-import contextlib
 import importlib
 import os
 import pickle
@@ -177,30 +176,11 @@ if __name__ == "__main__":
 
 
 # --------------------------------------------------------------------------- launching
-# Every launcher in fastground.kernels goes through `launch`, so a test can run the real
-# launcher on "meta" tensors at release shapes and collect exactly the configurations it
+# Every launcher in fastground.kernels goes through `runtime.launch`, so a test can run the
+# real launcher on "meta" tensors at release shapes and collect exactly the configurations it
 # would launch (`record_launches`), then compile those: the AOT check cannot drift from
-# what the code does.
-
-_recorder: list | None = None
-_recorder_sms: int = 132
-
-
-def device_sms(device: torch.device | str | None = None) -> int:
-    """Streaming multiprocessors the launch heuristics plan for."""
-    if _recorder is not None:
-        return _recorder_sms
-    dev = torch.device(device) if device is not None else None
-    if dev is not None and dev.type == "cuda":
-        return torch.cuda.get_device_properties(dev).multi_processor_count
-    return 108  # planning default off-GPU (interpreter runs, meta tensors)
-
-
-def launch(kernel, grid, args, constexprs, num_warps: int = 4, num_stages: int = 3):
-    if _recorder is not None:
-        _recorder.append(Launch(kernel, tuple(grid), tuple(args), dict(constexprs), num_warps, num_stages))
-        return
-    kernel[tuple(grid)](*args, **constexprs, num_warps=num_warps, num_stages=num_stages)
+# what the code does. The switch lives in the runtime module; re-exported here.
+from .runtime import device_sms, launch, record_launches  # noqa: E402,F401
 
 
 @dataclass
@@ -246,15 +226,3 @@ class Launch:
         sig, consts = self.signature()
         return (_kernel_ref(self.kernel), tuple(sorted(sig.items())), tuple(sorted(consts.items())),
                 self.num_warps, self.num_stages)
-
-
-@contextlib.contextmanager
-def record_launches(num_sms: int = 132):
-    """Collect (not run) every launch made inside; yields the list. Use with meta tensors."""
-    global _recorder, _recorder_sms
-    prev, prev_sms = _recorder, _recorder_sms
-    _recorder, _recorder_sms = [], num_sms
-    try:
-        yield _recorder
-    finally:
-        _recorder, _recorder_sms = prev, prev_sms

@@ -20,6 +20,10 @@ masked) gets the uniform average of all Lk values. The kernel reproduces both: a
 is replaced by -1e30 when the batch entry has an unmasked key, by 0 when it has none (then all
 scores are equal). Gradients flow to q and k through masked scores as in the reference (zero
 where the probability is zero, the softmax Jacobian of the uniform row for a fully masked one).
+Masked keys of an entry that has unmasked ones are never loaded (K and V rows read as zero), so
+a NaN or inf stored there changes neither the output nor any gradient, forward or backward;
+their dK and dV are exactly zero. (A fully masked entry averages all its values, as the release
+does, so there every key is used.)
 
 Dropout keeps a probability with chance 1 - p and scales kept ones by 1/(1 - p); the keep bit
 of element (b, h, i, j) is `tl.rand(philox_key(seed), ((b*H + h) << 32) + i*Lk + j) >= p`
@@ -28,11 +32,14 @@ backward, so no mask is stored; `attention_dropout_mask` returns the same bits f
 reference computation.
 
 Algorithm (FlashAttention-2 style, fp32 softmax statistics, base-2 exponentials):
-  forward   one program per (query block, b*h, key split); online softmax over its keys. When
+  forward   one program per (query block, b*h, key split); online softmax over its keys, the
+            accumulator kept normalised (a convex combination of V rows), so it stays finite
+            wherever torch's normalised probabilities @ V do, even at bf16's largest values. When
             the query blocks alone cannot fill the GPU (B*H = 96 programs at B=8, 12 at B=1)
             the keys are split and a combine kernel merges the fp32 partials by their
             log-sum-exp. Only the row LSE is kept for the backward.
-  backward  delta = rowsum(dO * O) first; then one program per (chunk of key blocks, b*h)
+  backward  delta = rowsum(dO * O) (inside the main kernel when all queries fit one block, a
+            separate launch otherwise); then one program per (chunk of key blocks, b*h)
             recomputes P from the LSE, writes dK and dV of its key blocks, and accumulates dQ
             for its chunk in fp32; chunks are summed in a fixed order (no atomics, so the
             gradients are deterministic). With Lq <= BLOCK_M (all release shapes) q, dO, LSE and
@@ -46,19 +53,14 @@ import torch
 import triton
 import triton.language as tl
 
-from . import interpreter_fixes  # noqa: F401  (bf16 under TRITON_INTERPRET)
-from .aot import device_sms, launch
+import functools
+from typing import NamedTuple
+
 from .partials import dense_like, sum_partials
+from .runtime import cdiv, device_sms, dot_precision, draw_seed, launch, philox_key, pow2
 
 LOG2E = 1.4426950408889634
 MASKED = -1.0e30  # finite: exp2(MASKED - m) == 0, and MASKED - MASKED == 0 never makes NaN
-
-
-def philox_key(seed: int) -> int:
-    """The Philox key the kernels get for a user seed: always in [2^62, 2^63), so the argument
-    is always an i64 and, with do_not_specialize, one compiled kernel serves every seed (a
-    seed of 1 or one that fits 32 bits would otherwise each compile a variant)."""
-    return int(seed) % (1 << 62) + (1 << 62)
 
 
 # --------------------------------------------------------------------------- kernels
@@ -107,6 +109,8 @@ def _attn_fwd_kernel(q_ptr, k_ptr, v_ptr, mask_ptr, fill_ptr, o_ptr, lse_ptr,
     v_base = v_ptr + b.to(tl.int64) * svb + h * svh
     if HAS_MASK:
         fill = tl.load(fill_ptr + b)
+        # fill 0: every key of this entry is masked (all read, all scores 0: uniform average)
+        score_scale = tl.where(fill != 0.0, 1.0, 0.0)
     n_start = split * keys_per_split
     n_end = tl.minimum(n_start + keys_per_split, Lk)
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
@@ -115,28 +119,35 @@ def _attn_fwd_kernel(q_ptr, k_ptr, v_ptr, mask_ptr, fill_ptr, o_ptr, lse_ptr,
     for n0 in range(n_start, n_end, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
         n_ok = offs_n < n_end
-        kv_ok = n_ok[:, None] & d_ok[None, :]
+        use = n_ok
+        if HAS_MASK:
+            km = tl.load(mask_ptr + b * stride_mask + offs_n, mask=n_ok, other=0) != 0
+            use = n_ok & km
+        kv_ok = use[:, None] & d_ok[None, :]
         k = tl.load(k_base + offs_n[:, None] * skn + offs_d[None, :], mask=kv_ok, other=0.0)
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
         if HAS_MASK:
-            km = tl.load(mask_ptr + b * stride_mask + offs_n, mask=n_ok, other=1)
-            s = tl.where(km[None, :] != 0, s, fill)
+            s = tl.where(km[None, :], s * score_scale, fill)
         s = tl.where(n_ok[None, :], s, float("-inf"))
         # Each split starts with an in-range key, so m_new is finite from the first block.
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
         alpha = tl.exp2(m_i - m_new)
         p = tl.exp2(s - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, axis=1)
+        l_new = l_i * alpha + tl.sum(p, axis=1)
+        r = 1.0 / l_new
         if DROPOUT:
             keep = _keep_bits(seed, bh, offs_m, offs_n, Lk, p_drop)
             p = tl.where(keep, p, 0.0)
         v = tl.load(v_base + offs_n[:, None] * svn + offs_d[None, :], mask=kv_ok, other=0.0)
-        acc = acc * alpha[:, None]
-        acc = tl.dot(p.to(v.dtype), v, acc, input_precision=PRECISION)
+        # Normalised as it goes: old weights and new ones sum to at most 1, so |acc| never
+        # exceeds max |v| (an unnormalised sum of up to Lk values overflows near bf16's max).
+        acc = acc * (alpha * l_i * r)[:, None]
+        acc = tl.dot((p * r[:, None]).to(v.dtype), v, acc, input_precision=PRECISION)
+        l_i = l_new
         m_i = m_new
     if DROPOUT:
         acc = acc * keep_scale
-    out = acc / l_i[:, None]
+    out = acc
     lse = m_i + tl.log2(l_i)
     o_off = split.to(tl.int64) * s_split_o + b.to(tl.int64) * sob + h * soh
     tl.store(o_ptr + o_off + offs_m[:, None] * som + offs_d[None, :], out.to(o_ptr.dtype.element_ty),
@@ -162,13 +173,15 @@ def _attn_combine_kernel(po_ptr, pl_ptr, o_ptr, lse_ptr, n_splits,
     for s in range(0, n_splits):
         m = tl.maximum(m, tl.load(l_base + s * s_split_l, mask=m_ok, other=0.0))
     total = tl.zeros([BLOCK_M], dtype=tl.float32)
+    for s in range(0, n_splits):
+        total += tl.exp2(tl.load(l_base + s * s_split_l, mask=m_ok, other=0.0) - m)
+    # Weights normalised before the sum: a convex combination of the splits' outputs.
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     p_base = po_ptr + b.to(tl.int64) * spb + h * sph + offs_m[:, None] * spm + offs_d[None, :]
     for s in range(0, n_splits):
-        w = tl.exp2(tl.load(l_base + s * s_split_l, mask=m_ok, other=0.0) - m)
-        total += w
-        acc += w[:, None] * tl.load(p_base + s * s_split_o, mask=ok, other=0.0)
-    out = acc / total[:, None]
+        w = tl.exp2(tl.load(l_base + s * s_split_l, mask=m_ok, other=0.0) - m) / total
+        acc += w[:, None] * tl.load(p_base + s * s_split_o, mask=ok, other=0.0).to(tl.float32)
+    out = acc
     tl.store(o_ptr + b.to(tl.int64) * sob + h * soh + offs_m[:, None] * som + offs_d[None, :],
              out.to(o_ptr.dtype.element_ty), mask=ok)
     tl.store(lse_ptr + bh.to(tl.int64) * Lq + offs_m, m + tl.log2(total), mask=m_ok)
@@ -193,9 +206,9 @@ def _attn_bwd_delta_kernel(o_ptr, do_ptr, delta_ptr, sob, soh, som, sdb, sdh, sd
 
 
 @triton.jit(do_not_specialize=["seed"])
-def _attn_bwd_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, mask_ptr, fill_ptr,
+def _attn_bwd_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, o_ptr, mask_ptr, fill_ptr,
                      dq_ptr, dk_ptr, dv_ptr,
-                     sqb, sqh, sqm, skb, skh, skn, svb, svh, svn, sdob, sdoh, sdom,
+                     sqb, sqh, sqm, skb, skh, skn, svb, svh, svn, sdob, sdoh, sdom, sob, soh, som,
                      sdq_split, sdqb, sdqh, sdqm, sdkb, sdkh, sdkn, sdvb, sdvh, sdvn, stride_mask,
                      H, Lq, Lk, D, blocks_per_chunk, qk_scale, sm_scale, seed, p_drop, keep_scale,
                      HAS_MASK: tl.constexpr, DROPOUT: tl.constexpr, SINGLE_Q: tl.constexpr,
@@ -214,6 +227,7 @@ def _attn_bwd_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, mask_ptr, 
     dq_base = dq_ptr + chunk.to(tl.int64) * sdq_split + b64 * sdqb + h * sdqh
     if HAS_MASK:
         fill = tl.load(fill_ptr + b)
+        score_scale = tl.where(fill != 0.0, 1.0, 0.0)
     offs_m = tl.arange(0, BLOCK_M)
     if SINGLE_Q:
         # Every key block of the chunk meets the same (only) query block: load it once.
@@ -222,7 +236,9 @@ def _attn_bwd_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, mask_ptr, 
         q = tl.load(q_base + offs_m[:, None] * sqm + offs_d[None, :], mask=qd_ok, other=0.0)
         do = tl.load(do_base + offs_m[:, None] * sdom + offs_d[None, :], mask=qd_ok, other=0.0)
         lse = tl.load(lse_ptr + row_base + offs_m, mask=m_ok, other=0.0)
-        delta = tl.load(delta_ptr + row_base + offs_m, mask=m_ok, other=0.0)
+        # delta = rowsum(dO * O) here, from the rows this program holds anyway: no launch
+        o = tl.load(o_ptr + b64 * sob + h * soh + offs_m[:, None] * som + offs_d[None, :], mask=qd_ok, other=0.0)
+        delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), axis=1)
         dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     if SINGLE_Q:
         n_qblocks = 1
@@ -234,13 +250,16 @@ def _attn_bwd_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, mask_ptr, 
     for kb in range(kb_start, kb_end):
         offs_n = kb * BLOCK_N + tl.arange(0, BLOCK_N)
         n_ok = offs_n < Lk
+        use = n_ok
+        if HAS_MASK:  # masked keys are never loaded: their dK, dV come out exactly zero
+            km = tl.load(mask_ptr + b * stride_mask + offs_n, mask=n_ok, other=0) != 0
+            use = n_ok & km
+        load_ok = use[:, None] & d_ok[None, :]
         kv_ok = n_ok[:, None] & d_ok[None, :]
         k = tl.load(k_ptr + b64 * skb + h * skh + offs_n[:, None] * skn + offs_d[None, :],
-                    mask=kv_ok, other=0.0)
+                    mask=load_ok, other=0.0)
         v = tl.load(v_ptr + b64 * svb + h * svh + offs_n[:, None] * svn + offs_d[None, :],
-                    mask=kv_ok, other=0.0)
-        if HAS_MASK:
-            km = tl.load(mask_ptr + b * stride_mask + offs_n, mask=n_ok, other=1)
+                    mask=load_ok, other=0.0)
         dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
         dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
         for qb in range(0, n_qblocks):
@@ -254,7 +273,7 @@ def _attn_bwd_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, mask_ptr, 
                 delta = tl.load(delta_ptr + row_base + offs_m, mask=m_ok, other=0.0)
             s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
             if HAS_MASK:
-                s = tl.where(km[None, :] != 0, s, fill)
+                s = tl.where(km[None, :], s * score_scale, fill)
             # Padded query rows have q = dO = delta = 0, so whatever p they get, their
             # contributions below vanish.
             p = tl.exp2(tl.where(n_ok[None, :], s, float("-inf")) - lse[:, None])
@@ -288,21 +307,12 @@ def _attn_bwd_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, mask_ptr, 
 
 
 # --------------------------------------------------------------------------- planning
-def _p2(n: int, lo: int, hi: int) -> int:
-    return max(lo, min(hi, triton.next_power_of_2(max(int(n), 1))))
+_p2 = pow2
 
 
-def _precision(dtype: torch.dtype) -> str:
-    # fp32: IEEE products (FMA dots, exact fp32 as the reference). 3xTF32 keeps ~fp32
-    # accuracy on tensor cores but needs three operand splits in registers, which spills at
-    # any tile that still covers 64 queries; attention is not the fp32 hot path (training is
-    # bf16). Plain TF32 only when torch's own matmuls are allowed it.
-    if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
-        return "ieee"
-    return "tf32"
-
-
-def fwd_config(BH: int, Lq: int, Lk: int, D: int, dtype: torch.dtype, sms: int, dropout: bool) -> dict:
+@functools.lru_cache(maxsize=256)
+def fwd_config(BH: int, Lq: int, Lk: int, D: int, dtype: torch.dtype, sms: int, dropout: bool,
+               precision: str = "ieee") -> dict:
     """Forward tiles and key splits.
 
     BLOCK_M = pow2(Lq) in [16, 64]: the 64 video / self-attention queries are one block, the
@@ -317,21 +327,22 @@ def fwd_config(BH: int, Lq: int, Lk: int, D: int, dtype: torch.dtype, sms: int, 
     All choices are free of register spills at the release shapes (tests/test_kernels_aot.py).
     """
     if dtype == torch.float32:
-        cap_n, warps, stages = 32, (8 if _precision(dtype) == "ieee" else 4), 2
+        cap_n, warps, stages = 32, (8 if precision == "ieee" else 4), 2
     else:
         cap_n, warps, stages = (64 if dropout else 128), 4, 3
     cfg = dict(BLOCK_M=_p2(Lq, 16, 64), BLOCK_N=_p2(Lk, 16, cap_n), BLOCK_D=_p2(D, 16, 128),
                num_warps=warps, num_stages=stages)
-    programs = max(1, triton.cdiv(Lq, cfg["BLOCK_M"]) * BH)
-    n_blocks = triton.cdiv(Lk, cfg["BLOCK_N"])
+    programs = max(1, cdiv(Lq, cfg["BLOCK_M"]) * BH)
+    n_blocks = cdiv(Lk, cfg["BLOCK_N"])
     splits = 1
     if programs < sms:
-        splits = max(1, min(triton.cdiv(2 * sms, programs), n_blocks // 2))
-    cfg["keys_per_split"] = triton.cdiv(n_blocks, splits) * cfg["BLOCK_N"]
+        splits = max(1, min(cdiv(2 * sms, programs), n_blocks // 2))
+    cfg["keys_per_split"] = cdiv(n_blocks, splits) * cfg["BLOCK_N"]
     return cfg
 
 
-def bwd_config(BH: int, Lq: int, Lk: int, D: int, dtype: torch.dtype, sms: int) -> dict:
+@functools.lru_cache(maxsize=256)
+def bwd_config(BH: int, Lq: int, Lk: int, D: int, dtype: torch.dtype, sms: int, precision: str = "ieee") -> dict:
     """Backward tiles and key chunks.
 
     BLOCK_M = pow2(Lq) in [16, 64] so the release's 64 / 8 queries are one block (q, dO, dQ
@@ -343,12 +354,12 @@ def bwd_config(BH: int, Lq: int, Lk: int, D: int, dtype: torch.dtype, sms: int) 
     more would not add occupancy.
     """
     if dtype == torch.float32:
-        cap_n, warps, stages = 16, (8 if _precision(dtype) == "ieee" else 4), 2
+        cap_n, warps, stages = 16, (8 if precision == "ieee" else 4), 2
     else:
         cap_n, warps, stages = 32, 4, 3
     cfg = dict(BLOCK_M=_p2(Lq, 16, 64), BLOCK_N=_p2(Lk, 16, cap_n), BLOCK_D=_p2(D, 16, 128),
                num_warps=warps, num_stages=stages)
-    n_blocks = triton.cdiv(Lk, cfg["BLOCK_N"])
+    n_blocks = cdiv(Lk, cfg["BLOCK_N"])
     cfg["blocks_per_chunk"] = max(1, (n_blocks * BH) // (2 * sms))
     return cfg
 
@@ -357,25 +368,43 @@ def _strides4(t: torch.Tensor) -> tuple[int, int, int]:
     return t.stride(0), t.stride(1), t.stride(2)
 
 
+class KeyMask(NamedTuple):
+    """A key mask as the kernels read it (`key_mask_plan`): `keys` (B, Lk) int8, 1 = key is
+    read, and `fill` (B,) fp32, the score of a masked key: -1e30, or 0 for an entry whose keys
+    are all masked (then every key is read and every score is 0: the uniform average)."""
+
+    keys: torch.Tensor
+    fill: torch.Tensor
+
+
+def key_mask_plan(key_mask: torch.Tensor) -> KeyMask:
+    """(B, Lk) mask, nonzero = attend -> KeyMask. Built once per batch, it serves every
+    attention over those keys and, as a row mask, the K/V projection (kv_proj_pe)."""
+    keep = key_mask.ne(0)
+    anyk = keep.any(dim=1)
+    fill = torch.where(anyk, MASKED, 0.0).to(torch.float32)
+    return KeyMask((keep | ~anyk[:, None]).to(torch.int8).contiguous(), fill)
+
+
 def _mask_args(key_mask, B, Lk, device):
     if key_mask is None:
         return None, None
-    if key_mask.shape != (B, Lk):
-        raise ValueError(f"attention: key_mask must be (B, Lk) = {(B, Lk)}, got {tuple(key_mask.shape)}")
-    keep = key_mask.ne(0)
-    # Per batch entry: -1e30 for masked scores, or 0 when every key is masked (uniform row).
-    fill = torch.where(keep.any(dim=1), MASKED, 0.0).to(torch.float32)
-    return keep.to(torch.int8).contiguous(), fill
+    if not isinstance(key_mask, KeyMask):
+        key_mask = key_mask_plan(key_mask)
+    if key_mask.keys.shape != (B, Lk):
+        raise ValueError(f"attention: key_mask must be (B, Lk) = {(B, Lk)}, got {tuple(key_mask.keys.shape)}")
+    return key_mask.keys, key_mask.fill
 
 
 # --------------------------------------------------------------------------- launchers
 def _attn_forward(q, k, v, mask8, fill, scale, p_drop, seed, cfg=None):
     B, H, Lq, D = q.shape
     Lk = k.shape[2]
-    cfg = dict(cfg or fwd_config(B * H, Lq, Lk, D, q.dtype, device_sms(q.device), p_drop > 0.0))
+    precision = dot_precision(q.dtype)
+    cfg = dict(cfg or fwd_config(B * H, Lq, Lk, D, q.dtype, device_sms(q.device), p_drop > 0.0, precision))
     nw, ns = cfg.pop("num_warps"), cfg.pop("num_stages")
     kps = cfg.pop("keys_per_split")
-    splits = triton.cdiv(Lk, kps)
+    splits = cdiv(Lk, kps)
     out = torch.empty((B, Lq, H, D), dtype=q.dtype, device=q.device).transpose(1, 2)
     lse = torch.empty((B * H, Lq), dtype=torch.float32, device=q.device)
     if out.numel() == 0:
@@ -387,16 +416,16 @@ def _attn_forward(q, k, v, mask8, fill, scale, p_drop, seed, cfg=None):
         l_t = torch.empty((splits, B * H, Lq), dtype=torch.float32, device=q.device)
     dropout = p_drop > 0.0
     has_mask = mask8 is not None
-    launch(_attn_fwd_kernel, (triton.cdiv(Lq, cfg["BLOCK_M"]), B * H, splits),
+    launch(_attn_fwd_kernel, (cdiv(Lq, cfg["BLOCK_M"]), B * H, splits),
            (q, k, v, mask8 if has_mask else q, fill if has_mask else q, o_t, l_t,
             *_strides4(q), *_strides4(k), *_strides4(v), *_strides4(o_t[0] if splits > 1 else o_t),
             o_t.stride(0) if splits > 1 else 0, l_t.stride(0) if splits > 1 else 0,
             mask8.stride(0) if has_mask else 0,
             H, Lq, Lk, D, kps, float(scale * LOG2E), int(seed), float(p_drop),
             float(1.0 / (1.0 - p_drop)) if dropout else 1.0),
-           dict(HAS_MASK=has_mask, DROPOUT=dropout, PRECISION=_precision(q.dtype), **cfg), nw, ns)
+           dict(HAS_MASK=has_mask, DROPOUT=dropout, PRECISION=precision, **cfg), nw, ns)
     if splits > 1:
-        launch(_attn_combine_kernel, (triton.cdiv(Lq, cfg["BLOCK_M"]), B * H),
+        launch(_attn_combine_kernel, (cdiv(Lq, cfg["BLOCK_M"]), B * H),
                (o_t, l_t, out, lse, splits, o_t.stride(0), l_t.stride(0), *_strides4(o_t[0]),
                 *_strides4(out), H, Lq, D),
                dict(BLOCK_M=cfg["BLOCK_M"], BLOCK_D=cfg["BLOCK_D"]), 4, 1)
@@ -406,34 +435,40 @@ def _attn_forward(q, k, v, mask8, fill, scale, p_drop, seed, cfg=None):
 def _attn_backward(do, q, k, v, out, lse, mask8, fill, scale, p_drop, seed, cfg=None):
     B, H, Lq, D = q.shape
     Lk = k.shape[2]
-    cfg = dict(cfg or bwd_config(B * H, Lq, Lk, D, q.dtype, device_sms(q.device)))
+    precision = dot_precision(q.dtype)
+    cfg = dict(cfg or bwd_config(B * H, Lq, Lk, D, q.dtype, device_sms(q.device), precision))
     nw, ns = cfg.pop("num_warps"), cfg.pop("num_stages")
     bpc = cfg.pop("blocks_per_chunk")
-    chunks = triton.cdiv(triton.cdiv(Lk, cfg["BLOCK_N"]), bpc)
+    chunks = cdiv(cdiv(Lk, cfg["BLOCK_N"]), bpc)
     single_q = Lq <= cfg["BLOCK_M"]
     if q.numel() == 0:
         return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
-    delta = torch.empty((B * H, Lq), dtype=torch.float32, device=q.device)
-    launch(_attn_bwd_delta_kernel, (triton.cdiv(Lq, cfg["BLOCK_M"]), B * H),
-           (out, do, delta, *_strides4(out), *_strides4(do), H, Lq, D),
-           dict(BLOCK_M=cfg["BLOCK_M"], BLOCK_D=cfg["BLOCK_D"]), 4, 1)
-    dq = torch.empty_like(q)
-    dk = torch.empty_like(k)
-    dv = torch.empty_like(v)
+    if single_q:
+        delta = lse  # unused: the kernel computes delta itself
+    else:
+        delta = torch.empty((B * H, Lq), dtype=torch.float32, device=q.device)
+        launch(_attn_bwd_delta_kernel, (cdiv(Lq, cfg["BLOCK_M"]), B * H),
+               (out, do, delta, *_strides4(out), *_strides4(do), H, Lq, D),
+               dict(BLOCK_M=cfg["BLOCK_M"], BLOCK_D=cfg["BLOCK_D"]), 4, 1)
+    # (B, L, H, D) memory, the projections' layout: the gradients flow back through the
+    # head-split views without a contiguity copy.
+    dq = torch.empty((B, Lq, H, D), dtype=q.dtype, device=q.device).transpose(1, 2)
+    dk = torch.empty((B, Lk, H, D), dtype=k.dtype, device=k.device).transpose(1, 2)
+    dv = torch.empty((B, Lk, H, D), dtype=v.dtype, device=v.device).transpose(1, 2)
     dq_direct = single_q and chunks == 1
     dq_t = dq if dq_direct else dense_like(dq, chunks, zero=not single_q)
     dropout = p_drop > 0.0
     has_mask = mask8 is not None
     launch(_attn_bwd_kernel, (chunks, B * H),
-           (q, k, v, do, lse, delta, mask8 if has_mask else q, fill if has_mask else q,
+           (q, k, v, do, lse, delta, out, mask8 if has_mask else q, fill if has_mask else q,
             dq_t, dk, dv,
-            *_strides4(q), *_strides4(k), *_strides4(v), *_strides4(do),
+            *_strides4(q), *_strides4(k), *_strides4(v), *_strides4(do), *_strides4(out),
             0 if dq_direct else dq_t.stride(0), *_strides4(dq_t if dq_direct else dq_t[0]),
             *_strides4(dk), *_strides4(dv), mask8.stride(0) if has_mask else 0,
             H, Lq, Lk, D, bpc, float(scale * LOG2E), float(scale), int(seed), float(p_drop),
             float(1.0 / (1.0 - p_drop)) if dropout else 1.0),
            dict(HAS_MASK=has_mask, DROPOUT=dropout, SINGLE_Q=single_q, DQ_DIRECT=dq_direct,
-                PRECISION=_precision(q.dtype), **cfg), nw, ns)
+                PRECISION=precision, **cfg), nw, ns)
     if not dq_direct:
         sum_partials(dq_t, dq, scale)
     return dq, dk, dv
@@ -484,7 +519,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask: torch
     if not 0.0 <= p < 1.0:
         raise ValueError(f"attention: dropout_p must be in [0, 1), got {dropout_p}")
     if p > 0.0 and seed is None:
-        seed = int(torch.randint(0, 2**62, (1,)).item())
+        seed = draw_seed()
     scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
     mask8, fill = _mask_args(key_mask, B, Lk, q.device)
     return CrossAttention.apply(_unit_last(q), _unit_last(k), _unit_last(v), mask8, fill, scale, p,
@@ -497,6 +532,6 @@ def attention_dropout_mask(seed: int, B: int, H: int, Lq: int, Lk: int, p: float
     training=True)` applies: reference = softmax(...) * mask / (1 - p) @ v."""
     keep = torch.empty((B, H, Lq, Lk), dtype=torch.int8, device=device)
     bm, bn = _p2(Lq, 16, 32), _p2(Lk, 16, 64)
-    launch(_dropout_mask_kernel, (triton.cdiv(Lq, bm), triton.cdiv(Lk, bn), B * H),
+    launch(_dropout_mask_kernel, (cdiv(Lq, bm), cdiv(Lk, bn), B * H),
            (keep, philox_key(seed), H, Lq, Lk, float(p)), dict(BLOCK_M=bm, BLOCK_N=bn), 4, 1)
     return keep.view(torch.bool)

@@ -64,29 +64,17 @@ bias-gradient kernel uses 64 x 128 tiles.
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
-from triton import knobs
 
-from . import interpreter_fixes  # noqa: F401  (bf16 dot and rounding under TRITON_INTERPRET)
-from .aot import device_sms, launch
-from .partials import sum_partials
+from .partials import sum_partial_groups, sum_partials
+from .runtime import INTERPRET, cdiv, device_sms, dot_precision, draw_seed, launch, pow2, triton_usable
 
 __all__ = ["linear", "linear_gelu", "linear_dropout_residual_layernorm", "dropout_mask",
            "gemm_config", "row_config", "triton_usable"]
-
-# The same switch triton.jit reads when the decorators below run: it fixes whether this
-# module holds interpreter or compiled kernels for the life of the process.
-INTERPRET = bool(knobs.runtime.interpret)
-
-
-def triton_usable(*tensors: torch.Tensor) -> bool:
-    """True when the Triton path can run on these tensors (CUDA, or the CPU interpreter)."""
-    if INTERPRET:
-        return True
-    return torch.cuda.is_available() and all(t.is_cuda for t in tensors if t is not None)
-
 
 # --------------------------------------------------------------------------------------
 # device functions
@@ -108,16 +96,19 @@ def _gelu_erf_grad(x):
 # --------------------------------------------------------------------------------------
 @triton.jit
 def _gemm_kernel(
-    a_ptr, b_ptr, c_ptr, bias_ptr, pre_ptr,
+    a_ptr, b_ptr, c_ptr, bias_ptr, pre_ptr, rowsum_ptr,
     M, N, K,
     stride_am, stride_ak, stride_bk, stride_bn, stride_cm, stride_cn,
-    HAS_BIAS: tl.constexpr, GELU: tl.constexpr, SAVE_PRE: tl.constexpr, TF32: tl.constexpr,
+    HAS_BIAS: tl.constexpr, GELU: tl.constexpr, SAVE_PRE: tl.constexpr, ROW_SUM: tl.constexpr,
+    PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     """C = epilogue(A @ B), A (M, K) and B (K, N) given by strides, fp32 accumulation.
 
     Transposed operands (w^T in forward, dy^T in the weight gradient) are expressed by
-    strides alone, so one kernel serves all three GEMMs of a linear layer."""
+    strides alone, so one kernel serves all three GEMMs of a linear layer. ROW_SUM also
+    writes the row sums of A (the bias gradient, when A = dy^T) from the tiles it loads
+    anyway, so a weight gradient needs no separate bias reduction."""
     pid = tl.program_id(0)
     num_pid_m = tl.cdiv(M, BLOCK_M)
     num_pid_n = tl.cdiv(N, BLOCK_N)
@@ -141,16 +132,21 @@ def _gemm_kernel(
     b_ptrs = b_ptr + offs_k[:, None] * stride_bk + offs_n[None, :] * stride_bn
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    if ROW_SUM:
+        rsum = tl.zeros((BLOCK_M,), dtype=tl.float32)
     for kb in range(0, tl.cdiv(K, BLOCK_K)):
         k_left = K - kb * BLOCK_K
         a = tl.load(a_ptrs, mask=m_mask[:, None] & (offs_k[None, :] < k_left), other=0.0)
         b = tl.load(b_ptrs, mask=(offs_k[:, None] < k_left) & n_mask[None, :], other=0.0)
-        if TF32:
-            acc = tl.dot(a, b, acc, input_precision="tf32")
-        else:
-            acc = tl.dot(a, b, acc, input_precision="ieee")
+        acc = tl.dot(a, b, acc, input_precision=PRECISION)
+        if ROW_SUM:
+            rsum += tl.sum(a.to(tl.float32), axis=1)
         a_ptrs += BLOCK_K * stride_ak
         b_ptrs += BLOCK_K * stride_bk
+    if ROW_SUM:
+        # every column tile summed the same rows; the first one writes them
+        if pid_n == 0:
+            tl.store(rowsum_ptr + offs_m, rsum.to(rowsum_ptr.dtype.element_ty), mask=m_mask)
 
     if HAS_BIAS:
         bias = tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
@@ -168,9 +164,9 @@ def _gemm_kernel(
 def _bias_grad_kernel(
     dy_ptr, pre_ptr, dpre_ptr, part_ptr,
     M, N,
-    GELU: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    GELU: tl.constexpr, PARTIALS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    """Partial column sums of d(pre) into part[pid_m, :]; with GELU also writes
+    """Partial column sums of d(pre) into part[pid_m, :] (PARTIALS); with GELU also writes
     d(pre) = dy * gelu'(pre). Row-major contiguous (M, N) operands."""
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -184,7 +180,8 @@ def _bias_grad_kernel(
         x = tl.load(pre_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         g = g * _gelu_erf_grad(x)
         tl.store(dpre_ptr + offs, g.to(dpre_ptr.dtype.element_ty), mask=mask)
-    tl.store(part_ptr + pid_m * N + offs_n, tl.sum(g, axis=0), mask=n_mask)
+    if PARTIALS:
+        tl.store(part_ptr + pid_m * N + offs_n, tl.sum(g, axis=0), mask=n_mask)
 
 
 @triton.jit
@@ -288,9 +285,10 @@ _WAVE = 96  # CTAs in about one wave on A100 (108 SMs) / H100 (132 SMs)
 
 
 def _tiles(M: int, N: int, bm: int, bn: int) -> int:
-    return triton.cdiv(M, bm) * triton.cdiv(N, bn)
+    return cdiv(M, bm) * cdiv(N, bn)
 
 
+@functools.lru_cache(maxsize=256)
 def gemm_config(M: int, N: int, K: int, dtype: torch.dtype, tf32: bool = False, gelu: bool = False) -> dict:
     """Block sizes, warps and stages for a GEMM with output (M, N) and reduction K (the
     table in the module docstring). The interpreter runs the same table, so CPU tests
@@ -306,9 +304,10 @@ def gemm_config(M: int, N: int, K: int, dtype: torch.dtype, tf32: bool = False, 
     return dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, GROUP_M=8, num_warps=4, num_stages=4)
 
 
+@functools.lru_cache(maxsize=64)
 def row_config(N: int, backward: bool = False) -> dict:
     """Rows per program and warps of the dropout/residual/LayerNorm row kernels."""
-    block_n = triton.next_power_of_2(N)
+    block_n = pow2(N)
     # Backward holds three (ROWS, BLOCK_N) accumulators plus the Philox state: at 4 warps
     # it spills, at 8 it does not.
     warps = 8 if backward or block_n > 1024 else 4
@@ -316,11 +315,6 @@ def row_config(N: int, backward: bool = False) -> dict:
 
 
 BIAS_GRAD_BLOCK = dict(BLOCK_M=64, BLOCK_N=128, num_warps=4)
-
-
-def _tf32_for(dtype: torch.dtype) -> bool:
-    # Follows torch's switch, as F.linear does; the interpreter computes full fp32 either way.
-    return dtype == torch.float32 and bool(torch.backends.cuda.matmul.allow_tf32)
 
 
 def _check_index_range(*tensors: torch.Tensor) -> None:
@@ -334,8 +328,9 @@ def _check_index_range(*tensors: torch.Tensor) -> None:
 # launchers
 # --------------------------------------------------------------------------------------
 def _gemm(a: torch.Tensor, b: torch.Tensor, *, out_dtype: torch.dtype, bias: torch.Tensor | None = None,
-          gelu: bool = False, pre_dtype: torch.dtype | None = None):
-    """C = a @ b (+ bias) (then GELU), a (M, K) and b (K, N) of any strides.
+          gelu: bool = False, pre_dtype: torch.dtype | None = None, row_sum: torch.Tensor | None = None):
+    """C = a @ b (+ bias) (then GELU), a (M, K) and b (K, N) of any strides; row_sum (M,),
+    when given, receives a.sum(1).
 
     Returns C, or (C, pre) when pre_dtype is given (pre = a @ b + bias before the GELU)."""
     M, K = a.shape
@@ -347,6 +342,8 @@ def _gemm(a: torch.Tensor, b: torch.Tensor, *, out_dtype: torch.dtype, bias: tor
     if M == 0 or N == 0:
         return (c, pre) if pre_dtype is not None else c
     if K == 0:
+        if row_sum is not None:
+            row_sum.zero_()
         c.zero_()
         if bias is not None:
             c += bias.to(out_dtype)
@@ -355,14 +352,15 @@ def _gemm(a: torch.Tensor, b: torch.Tensor, *, out_dtype: torch.dtype, bias: tor
         if gelu:
             c = torch.nn.functional.gelu(c.float()).to(out_dtype)
         return (c, pre) if pre_dtype is not None else c
-    tf32 = _tf32_for(a.dtype)
-    cfg = gemm_config(M, N, K, a.dtype, tf32, gelu)
-    grid = (triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"]),)
+    precision = dot_precision(a.dtype)
+    cfg = dict(gemm_config(M, N, K, a.dtype, precision == "tf32", gelu))
+    grid = (cdiv(M, cfg["BLOCK_M"]) * cdiv(N, cfg["BLOCK_N"]),)
     warps, stages = cfg.pop("num_warps"), cfg.pop("num_stages")
     launch(_gemm_kernel, grid,
-           (a, b, c, bias if bias is not None else c, pre, M, N, K,
+           (a, b, c, bias if bias is not None else c, pre, row_sum if row_sum is not None else c, M, N, K,
             a.stride(0), a.stride(1), b.stride(0), b.stride(1), c.stride(0), c.stride(1)),
-           dict(HAS_BIAS=bias is not None, GELU=gelu, SAVE_PRE=pre_dtype is not None, TF32=tf32, **cfg),
+           dict(HAS_BIAS=bias is not None, GELU=gelu, SAVE_PRE=pre_dtype is not None,
+                ROW_SUM=row_sum is not None, PRECISION=precision, **cfg),
            num_warps=warps, num_stages=stages)
     return (c, pre) if pre_dtype is not None else c
 
@@ -375,11 +373,12 @@ def _bias_grad(dy: torch.Tensor, pre: torch.Tensor | None, dpre_dtype: torch.dty
     bm, bn = BIAS_GRAD_BLOCK["BLOCK_M"], BIAS_GRAD_BLOCK["BLOCK_N"]
     if pre is None and db_dtype is None:
         return None, dy
-    part = torch.empty((triton.cdiv(M, bm), N), device=dy.device, dtype=torch.float32)
+    want = db_dtype is not None
+    part = torch.empty((cdiv(M, bm), N) if want else (1,), device=dy.device, dtype=torch.float32)
     dpre = torch.empty_like(dy, dtype=dpre_dtype) if pre is not None else dy
-    launch(_bias_grad_kernel, (triton.cdiv(M, bm), triton.cdiv(N, bn)),
+    launch(_bias_grad_kernel, (cdiv(M, bm), cdiv(N, bn)),
            (dy, pre if pre is not None else dy, dpre, part, M, N),
-           dict(GELU=pre is not None, BLOCK_M=bm, BLOCK_N=bn), num_warps=BIAS_GRAD_BLOCK["num_warps"],
+           dict(GELU=pre is not None, PARTIALS=want, BLOCK_M=bm, BLOCK_N=bn), num_warps=BIAS_GRAD_BLOCK["num_warps"],
            num_stages=1)
     db = None
     if db_dtype is not None:
@@ -391,11 +390,18 @@ def _flatten(x: torch.Tensor) -> torch.Tensor:
     return x.reshape(-1, x.shape[-1])
 
 
-def _linear_backward(needs, x2, w, dpre):
-    """dx = dpre @ w, dw = dpre^T @ x, each only when needed."""
+def _linear_backward(needs, x2, w, dpre, db_dtype=None):
+    """dx = dpre @ w, dw = dpre^T @ x, each only when needed; with db_dtype also
+    db = dpre.sum(0), from the dw GEMM's tiles when dw is computed (no extra launch)."""
     dx = _gemm(dpre, w, out_dtype=x2.dtype) if needs[0] else None
-    dw = _gemm(dpre.t(), x2, out_dtype=w.dtype) if needs[1] else None
-    return dx, dw
+    dw = db = None
+    if db_dtype is not None:
+        db = torch.empty((dpre.shape[1],), device=dpre.device, dtype=db_dtype)
+    if needs[1]:
+        dw = _gemm(dpre.t(), x2, out_dtype=w.dtype, row_sum=db)
+    elif db is not None:
+        db, _ = _bias_grad(dpre, None, dpre.dtype, db_dtype)
+    return dx, dw, db
 
 
 class _LinearFn(torch.autograd.Function):
@@ -414,8 +420,7 @@ class _LinearFn(torch.autograd.Function):
         x2, w = ctx.saved_tensors
         dy2 = _flatten(dy).contiguous()
         want_db = ctx.has_bias and ctx.needs_input_grad[2]
-        db, _ = _bias_grad(dy2, None, dy2.dtype, ctx.b_dtype if want_db else None)
-        dx, dw = _linear_backward(ctx.needs_input_grad, x2, w, dy2)
+        dx, dw, db = _linear_backward(ctx.needs_input_grad, x2, w, dy2, ctx.b_dtype if want_db else None)
         if dx is not None:
             dx = dx.view(ctx.x_shape)
         return dx, dw, db
@@ -437,8 +442,10 @@ class _LinearGeluFn(torch.autograd.Function):
         x2, w, pre = ctx.saved_tensors
         dy2 = _flatten(dy).contiguous()
         want_db = ctx.has_bias and ctx.needs_input_grad[2]
-        db, dpre = _bias_grad(dy2, pre, x2.dtype, ctx.b_dtype if want_db else None)
-        dx, dw = _linear_backward(ctx.needs_input_grad, x2, w, dpre)
+        fold = want_db and ctx.needs_input_grad[1]  # db comes from the dw GEMM
+        db, dpre = _bias_grad(dy2, pre, x2.dtype, ctx.b_dtype if want_db and not fold else None)
+        dx, dw, db2 = _linear_backward(ctx.needs_input_grad, x2, w, dpre, ctx.b_dtype if fold else None)
+        db = db2 if fold else db
         if dx is not None:
             dx = dx.view(ctx.x_shape)
         return dx, dw, db
@@ -446,7 +453,7 @@ class _LinearGeluFn(torch.autograd.Function):
 
 def _bwd_programs(M: int, rows: int, device: torch.device) -> int:
     # A few programs per SM hide latency; more only grow the partial-sum buffer.
-    return max(1, min(triton.cdiv(M, rows), 4 * device_sms(device)))
+    return max(1, min(cdiv(M, rows), 4 * device_sms(device)))
 
 
 class _LinearDropoutResLNFn(torch.autograd.Function):
@@ -467,7 +474,7 @@ class _LinearDropoutResLNFn(torch.autograd.Function):
         rstd = torch.empty((M,), device=x.device, dtype=torch.float32)
         cfg = row_config(N)
         if M > 0:
-            launch(_dropout_res_ln_fwd_kernel, (triton.cdiv(M, cfg["ROWS"]),),
+            launch(_dropout_res_ln_fwd_kernel, (cdiv(M, cfg["ROWS"]),),
                    (pre, res2, ln_w, ln_b, out, z, mean, rstd, int(seed), M, N, float(p), scale, float(eps)),
                    dict(HAS_DROPOUT=dropout, ROWS=cfg["ROWS"], BLOCK_N=cfg["BLOCK_N"]),
                    num_warps=cfg["num_warps"], num_stages=1)
@@ -484,7 +491,7 @@ class _LinearDropoutResLNFn(torch.autograd.Function):
         dout2 = _flatten(dout).contiguous()
         cfg = row_config(N, backward=True)
         progs = _bwd_programs(M, cfg["ROWS"], z.device)
-        rows_per_prog = triton.cdiv(triton.cdiv(M, cfg["ROWS"]), progs) * cfg["ROWS"]
+        rows_per_prog = cdiv(cdiv(M, cfg["ROWS"]), progs) * cfg["ROWS"]
         dres = torch.empty_like(z)
         dpre = torch.empty_like(z)
         part = (torch.empty if M > 0 else torch.zeros)((3, progs, N), device=z.device, dtype=torch.float32)
@@ -495,15 +502,15 @@ class _LinearDropoutResLNFn(torch.autograd.Function):
                    num_warps=cfg["num_warps"], num_stages=1)
         needs = ctx.needs_input_grad
 
-        def col_sum(i, dtype):
-            return sum_partials(part[i], torch.empty((N,), device=z.device, dtype=dtype))
-
-        dx, dw = _linear_backward(needs[:3], x2, w, dpre)
+        dx, dw, _ = _linear_backward(needs[:3], x2, w, dpre)
         if dx is not None:
             dx = dx.view(x_shape)
-        db = col_sum(2, b_dtype) if has_bias and needs[2] else None
-        dlnw = col_sum(0, ln_w.dtype) if needs[4] else None
-        dlnb = col_sum(1, lnb_dtype) if needs[5] else None
+        # the three column sums (LN weight, LN bias, linear bias) in one launch; _check made
+        # their dtypes equal
+        sums = sum_partial_groups(part, torch.empty((3, N), device=z.device, dtype=ln_w.dtype))
+        db = sums[2] if has_bias and needs[2] else None
+        dlnw = sums[0] if needs[4] else None
+        dlnb = sums[1] if needs[5] else None
         return dx, dw, db, dres.view(res_shape) if needs[3] else None, dlnw, dlnb, None, None, None, None
 
 
@@ -532,11 +539,6 @@ def linear_gelu(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None)
     return _LinearGeluFn.apply(x, w, b)
 
 
-def _draw_seed() -> int:
-    # From torch's CPU generator, so torch.manual_seed makes training runs reproducible.
-    return int(torch.randint(0, 2 ** 31 - 1, (1,)).item())
-
-
 def linear_dropout_residual_layernorm(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None,
                                       residual: torch.Tensor, ln_weight: torch.Tensor, ln_bias: torch.Tensor,
                                       eps: float = 1e-12, dropout_p: float = 0.0, seed: int | None = None,
@@ -548,7 +550,7 @@ def linear_dropout_residual_layernorm(x: torch.Tensor, w: torch.Tensor, b: torch
     (0 <= seed < 2**31) defaults to one drawn from torch's generator."""
     _check(x, w, b, residual, ln_weight, ln_bias)
     if seed is None:
-        seed = _draw_seed() if (training and dropout_p > 0.0) else 0
+        seed = draw_seed() if (training and dropout_p > 0.0) else 0
     if not 0 <= int(seed) < 2 ** 31:
         raise ValueError("seed must be in [0, 2**31)")
     if not 0.0 <= dropout_p <= 1.0:
@@ -564,6 +566,6 @@ def dropout_mask(seed: int, M: int, N: int, p: float, device: torch.device | str
     if M * N == 0:
         return out.bool()
     block = 1024
-    launch(_dropout_mask_kernel, (triton.cdiv(M * N, block),), (out, int(seed), M * N, float(p)),
+    launch(_dropout_mask_kernel, (cdiv(M * N, block),), (out, int(seed), M * N, float(p)),
            dict(BLOCK=block), num_warps=4, num_stages=1)
     return out.bool()

@@ -11,13 +11,7 @@ on GPU: compiled kernels never reach this code.
 """
 from __future__ import annotations
 
-import os
-
 import numpy as np
-
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
 def _bf16_to_f32(u16: np.ndarray) -> np.ndarray:
@@ -33,8 +27,8 @@ def _f32_to_bf16(f32: np.ndarray) -> np.ndarray:
     return rounded
 
 
-def apply() -> None:
-    if not _interpreting():
+def apply(interpreting: bool) -> None:
+    if not interpreting:
         return
     import triton.language as tl
     from triton.runtime import interpreter as ti
@@ -63,5 +57,3 @@ def apply() -> None:
     builder.create_dot = fixed_dot
     builder._fastground_bf16_fix = True
 
-
-apply()

@@ -46,6 +46,27 @@ def _cross_attention_layer(B, Lq, Lenc, enc_width, rows_per_pos, num_pos, max_po
         (out.float().sum() + out_self.float().sum()).backward()
 
 
+def _frame_qformer(cfg, frames, dtype):
+    """The frozen BLIP-2 frame Q-Former as the fast path runs it (inference only): K/V of its
+    cross-attention layers (every `qformer_cross_attention_freq`-th of `qformer_num_layers`) in
+    one projection of the EVA tokens (width 1408, 257 per frame), then 32 queries over them."""
+    heads, hidden = cfg.qformer_num_heads, cfg.qformer_hidden_size
+    n_cross = len(range(0, cfg.qformer_num_layers, cfg.qformer_cross_attention_freq))
+    tokens = (cfg.eva_image_size // cfg.eva_patch_size) ** 2 + 1
+    x = _meta(frames, tokens, cfg.eva_width, dtype=dtype, grad=False)
+    pe = _meta(1, cfg.eva_width, dtype=dtype, grad=False)
+    w = [_meta(n_cross * hidden, cfg.eva_width, dtype=dtype, grad=False) for _ in range(2)]
+    b = [_meta(n_cross * hidden, dtype=dtype, grad=False) for _ in range(2)]
+    with torch.no_grad():
+        k, v = kv_proj_pe(x, pe, 1, 1, w[0], b[0], w[1], b[1])
+        q = _meta(frames, cfg.num_query_token, hidden, dtype=dtype, grad=False)
+        split = lambda t: t[..., :hidden].view(frames, t.shape[1], heads, 64).transpose(1, 2)
+        attention(split(q), split(k), split(v))
+        qs = _meta(frames, cfg.num_query_token, 3 * hidden, dtype=dtype, grad=False)
+        attention(*[split(t) for t in qs.split(hidden, dim=-1)])
+    return tokens
+
+
 def _release_launches() -> list[aot.Launch]:
     cfg = GroundingGPTConfig.from_preset("groundinggpt-7b")
     heads = cfg.qformer_num_heads
@@ -63,6 +84,11 @@ def _release_launches() -> list[aot.Launch]:
                         _cross_attention_layer(BATCH, heads=heads, dtype=dtype, train=train, **branch)
                 _cross_attention_layer(BATCH, heads=heads, dtype=dtype, train=True, masked=True, **video)
                 _cross_attention_layer(1, heads=heads, dtype=dtype, train=False, **video)  # B=1 inference
+                # the frozen frame Q-Former over every frame of a batch, and of one video
+                for frames in (BATCH * cfg.num_frames, cfg.num_frames):
+                    _frame_qformer(cfg, frames, dtype)
+                # more queries than one block (video_token_len > 64): the separate delta launch
+                _cross_attention_layer(BATCH, heads=heads, dtype=dtype, train=True, **dict(video, Lq=96))
             # fp32 with torch's TF32 switch on: the kernels follow it (PRECISION="tf32")
             prev = torch.backends.cuda.matmul.allow_tf32
             torch.backends.cuda.matmul.allow_tf32 = True
@@ -90,9 +116,18 @@ def compiled():
     return rows
 
 
+def test_frame_qformer_shapes_are_the_release_ones():
+    cfg = GroundingGPTConfig.from_preset("groundinggpt-7b")
+    with aot.record_launches() as rec:
+        tokens = _frame_qformer(cfg, 1, torch.bfloat16)
+    assert (cfg.num_query_token, cfg.eva_width, tokens) == (32, 1408, 257)
+    kv = [r for r in rec if r.kernel.fn.__name__ == "_kv_fwd_kernel"]
+    assert len(kv) == 1 and kv[0].args[-10:-8] == (1408, 6 * 768)  # din, K/V of all 6 cross layers
+
+
 def test_release_plan_covers_every_kernel():
     names = {launch.kernel.fn.__name__ for launch in _release_launches()}
-    assert names == {"_kv_fwd_kernel", "_kv_bwd_dx_kernel", "_pe_grad_kernel", "_kv_bwd_dw_kernel",
+    assert names == {"_kv_fwd_kernel", "_kv_bwd_dx_kernel", "_pos_sum_kernel", "_kv_bwd_dw_kernel",
                      "_sum_partials_kernel", "_attn_fwd_kernel", "_attn_combine_kernel",
                      "_attn_bwd_delta_kernel", "_attn_bwd_kernel", "_dropout_mask_kernel"}
 

@@ -86,7 +86,9 @@ def test_release_plan_covers_every_kernel():
     assert any(c["BLOCK_M"] == 128 and c["BLOCK_N"] == 256 for c in gemm)
     assert not any(c["BLOCK_N"] == 256 and c["GELU"] for c in gemm)
     assert any(c["BLOCK_M"] == 64 and c["BLOCK_N"] == 64 and c["BLOCK_K"] == 64 for c in gemm)
-    assert any(c["TF32"] for c in gemm)
+    assert any(c["PRECISION"] == "tf32" for c in gemm)
+    # exact fp32 without the switch: the GEMMs that ran at fp32 with tf32 off
+    assert any(c["PRECISION"] == "ieee" and c["BLOCK_K"] == 32 and c["BLOCK_N"] == 64 for c in gemm)
 
 
 @pytest.mark.parametrize("cc", CCS)

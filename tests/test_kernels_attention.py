@@ -115,7 +115,7 @@ def test_kv_proj_pe_small_tiles_and_row_splits(dtype):
     dx = kvp._kv_backward_dx(gk, gv, wk, wv, cfg=tiles)
     dw_cfg = dict(BLOCK_M=16, BLOCK_N=16, BLOCK_D=16, num_warps=4, num_stages=2, rows_per_split=32)
     dwk, dbk, dwv, dbv = kvp._kv_backward_dw(x, pe, R, T, gk, gv, wk, wv, True, cfg=dw_cfg)
-    dpe = kvp._pe_backward(dx, pe, R, T)
+    dpe, _ = kvp._position_sums(dx, None, R, T, None, pe.shape[0])
 
     X, PE, WK, BK, WV, BV, GK, GV = [t.double() for t in (x, pe, wk, bk, wv, bv, gk, gv)]
     pos = (torch.arange(x.shape[0], device=x.device) // R) % T

@@ -16,13 +16,15 @@ from fastground.kernels.adapters import mlp_adapter, projection
 
 def _autocast(x, *params):
     # Outside autocast a dtype mismatch stays an error, as in nn.Linear.
-    if not torch.is_autocast_enabled(x.device.type):
+    if x.device.type == "meta" or not torch.is_autocast_enabled(x.device.type):
         return (x, *params)
     return cast(compute_dtype(x), x, *params)
 
 
 class FastMLPAdapter(nn.Sequential):
     """Linear(in, hidden) -> GELU (exact) -> Linear(hidden, out) on the fused kernels."""
+
+    _fastground_original = nn.Sequential
 
     def __init__(self, in_features: int = 1024, hidden_features: int = 4096, out_features: int = 4096,
                  bias: bool = True, device=None, dtype=None):
@@ -50,6 +52,8 @@ class FastMLPAdapter(nn.Sequential):
 
 class FastLinear(nn.Linear):
     """nn.Linear whose forward is the Triton GEMM with a bias epilogue."""
+
+    _fastground_original = nn.Linear
 
     @classmethod
     def from_module(cls, ref: nn.Linear) -> "FastLinear":

@@ -20,21 +20,25 @@ good occupancy (see kernels/fused_linear.py), so those are separate launches.
 """
 from __future__ import annotations
 
+import inspect
+import weakref
+
 import torch
 import torch.nn.functional as F
 
-from fastground.kernels.cross_attention import attention
+from fastground.kernels.cross_attention import attention, key_mask_plan
 from fastground.fast.runtime import compute_dtype, triton_or_warn
 from fastground.kernels.fused_linear import linear, linear_dropout_residual_layernorm, linear_gelu
 from fastground.kernels.kv_proj_pe import kv_proj_pe
-from fastground.model.qformer import QFormer, QFormerBert, QFormerOutput, QFormerSelfOutput
+from fastground.model.qformer import QFormer, QFormerBert, QFormerOutput
 
-def _flat_linear(fn, x, layer, dt):
-    y = fn(x.reshape(-1, x.shape[-1]), layer.weight.to(dt), None if layer.bias is None else layer.bias.to(dt))
+
+def _flat_linear(fn, x, weight, bias):
+    y = fn(x.reshape(-1, x.shape[-1]), weight, bias)
     return y.view(*x.shape[:-1], y.shape[-1])
 
 
-def _output_block(block: QFormerSelfOutput, ctx, residual, training, dt):
+def _output_block(block, ctx, residual, training, dt):
     ln = block.LayerNorm
     y = linear_dropout_residual_layernorm(
         ctx.reshape(-1, ctx.shape[-1]), block.dense.weight.to(dt), block.dense.bias.to(dt),
@@ -54,20 +58,101 @@ def _context(o: torch.Tensor) -> torch.Tensor:
     return o.transpose(1, 2).reshape(o.shape[0], o.shape[2], -1)
 
 
+# --------------------------------------------------------------------------- fused weights
+# Concatenated weights (Q|K|V of each self-attention; K and V of every cross-attention layer)
+# are built once and reused until a parameter changes (an optimizer step bumps its version),
+# instead of a torch.cat per call. The concatenation stays on the autograd graph (cat and
+# cast save no tensors, so several backward passes may go through it), and the cache lives
+# outside the module so deepcopy and state dicts never see it.
+_FUSED: "weakref.WeakKeyDictionary[torch.nn.Module, dict]" = weakref.WeakKeyDictionary()
+
+
+def fused_weight(owner: torch.nn.Module, name: str, params, dt: torch.dtype) -> torch.Tensor:
+    params = list(params)
+    mode = (torch.is_grad_enabled(), torch.is_inference_mode_enabled(), dt)
+    sig = tuple((p._version, p.data_ptr(), p.requires_grad, p.dtype) for p in params)
+    cache = _FUSED.setdefault(owner, {})
+    hit = cache.get((name, mode))
+    if hit is not None and hit[0] == sig:
+        return hit[1]
+    w = torch.cat([p.to(dt) for p in params]) if len(params) > 1 else params[0].to(dt)
+    cache[(name, mode)] = (sig, w)
+    return w
+
+
+def num_heads(attn_self) -> int:
+    """Heads of a self-attention module: ours (`num_heads`) or BERT's (`num_attention_heads`)."""
+    h = getattr(attn_self, "num_heads", None) or getattr(attn_self, "num_attention_heads", None)
+    if not isinstance(h, int):
+        raise AttributeError(f"{type(attn_self).__name__} has no head count")
+    return h
+
+
+def cross_layers(bert):
+    return [l for l in bert.encoder.layer if getattr(l, "crossattention", None) is not None]
+
+
+def fast_bert_forward(bert, query_embeds, encoder_hidden_states, encoder_attention_mask=None,
+                      attention_mask=None, encoder_pe=None, rows_per_pos: int = 1, num_pos: int = 1):
+    """The query path of a BLIP-2 BERT Q-Former (release attribute layout) on the kernels;
+    returns the last hidden state. `encoder_pe` (P, width) adds encoder_pe[(r // rows_per_pos)
+    % num_pos] to encoder row r inside the key/value GEMM (the temporal position encoding)."""
+    dt = compute_dtype(query_embeds)
+    training = bert.training
+    emb = bert.embeddings
+    ln = emb.LayerNorm
+    h = F.dropout(F.layer_norm(query_embeds.to(dt), ln.normalized_shape, ln.weight.to(dt), ln.bias.to(dt), ln.eps),
+                  emb.dropout.p, training)
+    enc_mask = None if encoder_attention_mask is None else key_mask_plan(encoder_attention_mask)
+    self_mask = None if attention_mask is None else key_mask_plan(attention_mask)
+    # K and V of every cross-attention layer in one launch over the encoder states.
+    layers = cross_layers(bert)
+    selfs = [l.crossattention.self for l in layers]
+    kv = iter(())
+    if layers:
+        wk = fused_weight(bert, "wk", (s.key.weight for s in selfs), dt)
+        bk = fused_weight(bert, "bk", (s.key.bias for s in selfs), dt)
+        wv = fused_weight(bert, "wv", (s.value.weight for s in selfs), dt)
+        bv = fused_weight(bert, "bv", (s.value.bias for s in selfs), dt)
+        states = encoder_hidden_states
+        if encoder_pe is None:  # no position embedding: a zero row keeps one kernel for both cases
+            encoder_pe, rows_per_pos, num_pos = states.new_zeros(1, states.shape[-1]), 1, 1
+        k, v = kv_proj_pe(states.to(dt), encoder_pe.to(dt), rows_per_pos, num_pos, wk, bk, wv, bv,
+                          None if enc_mask is None else enc_mask.keys)
+        width = h.shape[-1]
+        kv = iter([(k[..., i * width:(i + 1) * width], v[..., i * width:(i + 1) * width])
+                   for i in range(len(layers))])
+    for i, layer in enumerate(bert.encoder.layer):
+        sa = layer.attention.self
+        heads = num_heads(sa)
+        w = fused_weight(sa, "qkv", (sa.query.weight, sa.key.weight, sa.value.weight), dt)
+        b = fused_weight(sa, "qkv_bias", (sa.query.bias, sa.key.bias, sa.value.bias), dt)
+        q, k, v = _flat_linear(linear, h, w, b).chunk(3, dim=-1)
+        ctx = attention(_heads(q, heads), _heads(k, heads), _heads(v, heads), self_mask,
+                        sa.dropout.p, None, training)
+        h = _output_block(layer.attention.output, _context(ctx), h, training, dt)
+        if getattr(layer, "crossattention", None) is not None:
+            ca = layer.crossattention.self
+            ck, cv = next(kv)
+            q = _flat_linear(linear, h, ca.query.weight.to(dt), ca.query.bias.to(dt))
+            ctx = attention(_heads(q, heads), _heads(ck, heads), _heads(cv, heads), enc_mask,
+                            ca.dropout.p, None, training)
+            h = _output_block(layer.crossattention.output, _context(ctx), h, training, dt)
+        dense = layer.intermediate_query.dense
+        inter = _flat_linear(linear_gelu, h, dense.weight.to(dt), dense.bias.to(dt))
+        h = _output_block(layer.output_query, inter, h, training, dt)
+    return h
+
+
+def _add_pe(states, encoder_pe, rows_per_pos, num_pos):
+    if encoder_pe is None:
+        return states
+    idx = (torch.arange(states.shape[1], device=states.device) // rows_per_pos) % num_pos
+    return states + encoder_pe[idx]
+
+
 class FastQFormerBert(QFormerBert):
-    def encoder_kv(self, states, pe, rows_per_pos, num_pos, dt):
-        """K, V of every cross-attention layer in one launch."""
-        layers = [l for l in self.encoder.layer if l.has_cross_attention]
-        selfs = [l.crossattention.self for l in layers]
-        wk = torch.cat([s.key.weight for s in selfs]).to(dt)
-        bk = torch.cat([s.key.bias for s in selfs]).to(dt)
-        wv = torch.cat([s.value.weight for s in selfs]).to(dt)
-        bv = torch.cat([s.value.bias for s in selfs]).to(dt)
-        if pe is None:  # no position embedding: a zero row keeps one kernel for both cases
-            pe, rows_per_pos, num_pos = states.new_zeros(1, states.shape[-1]), 1, 1
-        k, v = kv_proj_pe(states.to(dt), pe.to(dt), rows_per_pos, num_pos, wk, bk, wv, bv)
-        width = self.spec.hidden_size
-        return [(k[..., i * width:(i + 1) * width], v[..., i * width:(i + 1) * width]) for i in range(len(layers))]
+    _fastground_original = QFormerBert
 
     def forward(self, query_embeds, encoder_hidden_states, encoder_attention_mask=None, attention_mask=None,
                 return_dict: bool = True, encoder_pe=None, rows_per_pos: int = 1, num_pos: int = 1):
@@ -75,48 +160,79 @@ class FastQFormerBert(QFormerBert):
         to encoder row r inside the key/value GEMM (the temporal position encoding)."""
         params = [p for p in self.parameters()][:1]
         if not triton_or_warn(query_embeds, encoder_hidden_states, *params):
-            states = encoder_hidden_states
-            if encoder_pe is not None:
-                n, length, w = states.shape
-                idx = (torch.arange(length, device=states.device) // rows_per_pos) % num_pos
-                states = states + encoder_pe[idx]
+            states = _add_pe(encoder_hidden_states, encoder_pe, rows_per_pos, num_pos)
             return super().forward(query_embeds, states, encoder_attention_mask, attention_mask, return_dict)
-        dt = compute_dtype(query_embeds)
-        training = self.training
-        emb = self.embeddings
-        h = F.dropout(F.layer_norm(query_embeds.to(dt), emb.LayerNorm.normalized_shape, emb.LayerNorm.weight.to(dt),
-                                   emb.LayerNorm.bias.to(dt), emb.LayerNorm.eps), emb.dropout.p, training)
-        kv = iter(self.encoder_kv(encoder_hidden_states, encoder_pe, rows_per_pos, num_pos, dt))
-        heads = self.spec.num_heads
-        for layer in self.encoder.layer:
-            sa = layer.attention.self
-            qkv = _flat_linear(linear, h, _Cat(sa.query, sa.key, sa.value), dt)
-            q, k, v = qkv.chunk(3, dim=-1)
-            ctx = attention(_heads(q, heads), _heads(k, heads), _heads(v, heads), attention_mask,
-                            sa.dropout.p, None, training)
-            h = _output_block(layer.attention.output, _context(ctx), h, training, dt)
-            if layer.has_cross_attention:
-                ca = layer.crossattention.self
-                ck, cv = next(kv)
-                q = _flat_linear(linear, h, ca.query, dt)
-                ctx = attention(_heads(q, heads), _heads(ck, heads), _heads(cv, heads), encoder_attention_mask,
-                                ca.dropout.p, None, training)
-                h = _output_block(layer.crossattention.output, _context(ctx), h, training, dt)
-            inter = _flat_linear(linear_gelu, h, layer.intermediate_query.dense, dt)
-            h = _output_block(layer.output_query, inter, h, training, dt)
+        h = fast_bert_forward(self, query_embeds, encoder_hidden_states, encoder_attention_mask, attention_mask,
+                              encoder_pe, rows_per_pos, num_pos)
         return QFormerOutput(h) if return_dict else (h,)
 
 
-class _Cat:
-    """Q, K and V weights side by side, so the self-attention projections are one GEMM."""
+# --------------------------------------------------------------------------- foreign classes
+# Arguments of the release's BertModel.forward that the fast query path implements; any other
+# argument given a non-default value (input_ids: the text path; head_mask, past_key_values,
+# output_attentions, ...) runs the module's own forward.
+_FAST_ARGS = {"self", "query_embeds", "encoder_hidden_states", "encoder_attention_mask", "attention_mask",
+              "return_dict", "kwargs"}
+_HARMLESS = {"use_cache": (None, False), "output_attentions": (None, False), "output_hidden_states": (None, False),
+             "is_decoder": (False,), "input_ids": (None,), "position_ids": (None,), "head_mask": (None,),
+             "past_key_values": (None,), "encoder_pe": (None,)}
 
-    def __init__(self, *layers):
-        self.weight = torch.cat([l.weight for l in layers])
-        self.bias = torch.cat([l.bias for l in layers])
+
+class _FastForeignBert:
+    """Mixin of the fast class made for a BERT Q-Former of another class (the release's own
+    BertModel, a transformers-based one): same attributes, forward on the kernels."""
+
+    _fastground_original: type
+
+    def forward(self, *args, **kwargs):
+        orig = type(self)._fastground_original
+        try:
+            bound = inspect.signature(orig.forward).bind(self, *args, **kwargs)
+        except TypeError:
+            return orig.forward(self, *args, **kwargs)
+        a = dict(bound.arguments)
+        a.update(a.pop("kwargs", {}) or {})
+        pe = a.pop("encoder_pe", None)
+        rows_per_pos, num_pos = a.pop("rows_per_pos", 1), a.pop("num_pos", 1)
+        other = {k: v for k, v in a.items() if k not in _FAST_ARGS}
+        plain = all(k in _HARMLESS and (v is None or any(v is d for d in _HARMLESS[k])) for k, v in other.items())
+        q, states = a.get("query_embeds"), a.get("encoder_hidden_states")
+        params = [p for p in self.parameters()][:1]
+        if not plain or q is None or states is None or not triton_or_warn(q, states, *params):
+            if pe is not None:
+                kwargs = {k: v for k, v in kwargs.items() if k not in ("encoder_pe", "rows_per_pos", "num_pos")}
+                kwargs["encoder_hidden_states"] = _add_pe(states, pe, rows_per_pos, num_pos)
+            return orig.forward(self, *args, **kwargs)
+        h = fast_bert_forward(self, q, states, a.get("encoder_attention_mask"), a.get("attention_mask"),
+                              pe, rows_per_pos, num_pos)
+        if a.get("return_dict") is False:
+            return (h, None)
+        return _model_output(h)
+
+
+def _model_output(h):
+    try:
+        from transformers.modeling_outputs import BaseModelOutputWithPoolingAndCrossAttentions
+    except ImportError:  # pragma: no cover - transformers is a dependency
+        return QFormerOutput(h)
+    return BaseModelOutputWithPoolingAndCrossAttentions(last_hidden_state=h)
+
+
+_FAST_CLASSES: dict[type, type] = {}
+
+
+def fast_class_for(cls: type) -> type:
+    """The fast class a BERT Q-Former body of class `cls` is switched to."""
+    if issubclass(cls, QFormerBert):
+        return FastQFormerBert if cls is QFormerBert else _FAST_CLASSES.setdefault(
+            cls, type("Fast" + cls.__name__, (FastQFormerBert, cls), {"_fastground_original": cls}))
+    if cls not in _FAST_CLASSES:
+        _FAST_CLASSES[cls] = type("Fast" + cls.__name__, (_FastForeignBert, cls), {"_fastground_original": cls})
+    return _FAST_CLASSES[cls]
 
 
 class FastQFormer(QFormer):
-    pass
+    _fastground_original = QFormer
 
 
 def to_fast(q: QFormer) -> QFormer:

@@ -1,11 +1,14 @@
-"""When the fast modules can run, and in which dtype."""
+"""When the fast modules can run, and in which dtype. The kernel-level decisions (Triton or
+not, fp32 precision, dropout seeds, launching) live in fastground.kernels.runtime; the names
+the fast modules need are re-exported here."""
 from __future__ import annotations
 
 import warnings
 
 import torch
 
-from fastground.kernels.fused_linear import triton_usable
+from fastground.kernels.runtime import (  # noqa: F401  (re-exported)
+    allow_tf32, dot_precision, draw_seed, record_launches, trace_launches, triton_usable)
 
 _warned = False
 
@@ -27,7 +30,7 @@ def compute_dtype(x: torch.Tensor) -> torch.dtype:
     """The dtype the kernels compute in: autocast's when it is on (the kernels need one dtype
     for all operands, where F.linear would cast them itself), else the input's."""
     dev = x.device.type
-    if torch.is_autocast_enabled(dev):
+    if dev != "meta" and torch.is_autocast_enabled(dev):
         return torch.get_autocast_dtype(dev)
     return x.dtype
 
