@@ -14,11 +14,12 @@ def __getattr__(name):
     raise AttributeError(f"module 'fastground' has no attribute {name!r}")
 
 
-def patch(model):
-    """Swap the reference Q-Formers, adapters and video/audio branches for the fused Triton
-    ones in place (same parameters). See fastground.fast.patching."""
+def patch(model, **kwargs):
+    """Swap the Q-Formers, adapters and video/audio branches (recognised by structure, whatever
+    their class) for the fused Triton ones in place (same parameters); `strict=True` raises
+    instead of warning about a module it cannot swap. See fastground.fast.patching."""
     from fastground.fast.patching import patch as _patch
-    return _patch(model)
+    return _patch(model, **kwargs)
 
 
 def unpatch(model):
