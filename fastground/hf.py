@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import logging
 import os
-import types
 
 import torch
 from torch import nn
@@ -98,8 +97,7 @@ class LEGOLlamaForCausalLM(PreTrainedModel, GenerationMixin):
         """fastground's media splice on this model's modules (one implementation for both)."""
         from fastground.model.groundinggpt import GroundingGPT
 
-        return GroundingGPT.embed(types.SimpleNamespace(model=self.model, config=self.gg_config),
-                                  input_ids, images, videos, sounds)
+        return GroundingGPT.embed(_Splice(self.model, self.gg_config), input_ids, images, videos, sounds)
 
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, cache=None, inputs_embeds=None,
                 labels=None, use_cache=None, images=None, videos=None, sounds=None, logits_to_keep=0,
@@ -159,6 +157,20 @@ class LEGOLlamaForCausalLM(PreTrainedModel, GenerationMixin):
         model.model.query_tokens.requires_grad_(False)
         model.eval()
         return (model, info) if want_info else model
+
+
+class _Splice:
+    """What GroundingGPT.embed reads of its model: the modules, the fastground config, and
+    GroundingGPT's own settings at their defaults (class attributes, methods bound here)."""
+
+    def __init__(self, model, config):
+        self.model, self.config = model, config
+
+    def __getattr__(self, name):
+        from fastground.model.groundinggpt import GroundingGPT
+
+        attr = getattr(GroundingGPT, name)
+        return attr.__get__(self) if callable(attr) and hasattr(attr, "__get__") else attr
 
 
 def _load_tower(model, path: str, vision_tower_path: str | None) -> None:
