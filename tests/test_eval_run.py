@@ -135,3 +135,28 @@ def test_a_corrupt_image_is_skipped_and_counted(demo_ckpt, tmp_path):
     bad = [r for r in _lines(tmp_path / "e") if r.get("error")]
     assert bad and "img_h0000.png" in bad[0]["error"]
     assert "media failed to load" in (tmp_path / "e" / "results.md").read_text()
+
+
+@pytest.mark.slow
+@pytest.mark.requires("deepspeed")
+def test_two_ranks_through_the_launcher_share_the_work(demo_ckpt, tmp_path):
+    """torchrun with 2 CPU ranks (gloo, the training launcher's setup_distributed): each rank
+    scores its own share into its own file, rank 0 merges; every sample once."""
+    import os
+    import subprocess
+    import sys
+
+    demo, ckpt = demo_ckpt
+    out = tmp_path / "eval"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "fastground.evaluate",
+           "--task", "pope", "--model", str(ckpt), "--data", str(demo / "heldout"), "--out", str(out),
+           "--limit", "3", "--workers", "0", "--max-new-tokens", "2", "--no-progress"]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    per_rank = [len((out / f"predictions.rank{r}.jsonl").read_text().splitlines()) for r in (0, 1)]
+    assert per_rank == [5, 4]  # 9 samples (3 per subset), rank 0 takes the odd one
+    keys = [r["key"] for r in _lines(out)]
+    assert len(keys) == len(set(keys)) == 9
+    assert json.loads((out / "results.json").read_text())["pope"]["n"] == 9
+    assert "| | Accuracy | F1-Score | Yes |" in proc.stdout
