@@ -227,10 +227,15 @@ def test_tokenizer(demo, stages):
     enc = tok(prompt).input_ids
     assert enc[0] == tok.bos_token_id and tok.unk_token_id not in enc
     assert tok.convert_tokens_to_ids("<image>") in enc
-    assert tok.decode(enc, skip_special_tokens=False) == "<s> " + prompt
-    # The template's words were in the corpus: each role tag is a couple of tokens at most.
-    for text in (" ### Human:", " ### Assistant:", "\n### Assistant:", "###Assistant:"):
+    # Decoding gives the text back, up to the space every "\n" and "###" piece is given.
+    assert tok.decode(enc, skip_special_tokens=False).split() == ("<s> " + prompt).split()
+    answer = "[0.125,0.5,0.875,1.000] {0.12,0.48}"
+    assert tok.decode(tok(answer).input_ids, skip_special_tokens=True) == answer
+    # The template's words were in the corpus: "###" and each role tag are single tokens, and
+    # the release's training text and inference prompt share them.
+    for text in ("### Human:", "### Assistant:", "###Assistant:", "###Human:"):
         assert len(tok(text, add_special_tokens=False).input_ids) <= 3, (text, tok.tokenize(text))
+    assert tok.tokenize("?###Assistant:")[-2:] == tok.tokenize("?\n### Assistant:")[-2:] == ["▁###", "▁Assistant:"]
     assert len(tok(" " + LEGO.system, add_special_tokens=False).input_ids) <= 30
     enc = tok(LEGO.inference_prompt("<video>\nWhen does the red circle appear?")).input_ids
     assert tok.unk_token_id not in enc

@@ -17,6 +17,15 @@ from fastground.train.loss_reduction import micro_batch_weight, step_loss
 IGNORE = -100
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # 64-wide models: extra threads only contend (10x slower on 2 busy cores).
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def tiny(seed=0):
     # No dropout: train mode is deterministic, so gradients compare exactly.
     cfg = with_token_ids(GroundingGPTConfig.from_preset("tiny", qformer_hidden_dropout=0.0,
@@ -80,16 +89,17 @@ def test_stage1_trains_exactly_the_six_media_start_end_rows():
 def test_stage1_packed_text_only_sample_trains_its_rows():
     # A packed row: an image sample (its text rows frozen) and a text-only sample (every row
     # it feeds into the loss trains, as in the release).
-    from fastground.data.collate import collate_packed
-
     model = tiny(1)
     cfg = model.config
     img_ids, img_labels = _media_sample(cfg, "image", list(range(10, 17)))
     txt = torch.tensor([1, 40, 41, 42, 43, 44, 45])
     txt_labels = txt.clone()
     txt_labels[:3] = IGNORE
-    batch = collate_packed([{"input_ids": img_ids, "labels": img_labels, "image": media_tensor(cfg, "image", 1)[0]},
-                            {"input_ids": txt, "labels": txt_labels}])
+    n1, n2 = len(img_ids), len(txt)
+    batch = dict(input_ids=torch.cat([img_ids, txt])[None], labels=torch.cat([img_labels, txt_labels])[None],
+                 position_ids=torch.cat([torch.arange(n1), torch.arange(n2)])[None],
+                 cu_seqlens=torch.tensor([0, n1, n1 + n2], dtype=torch.int32), max_seqlen=max(n1, n2),
+                 images=media_tensor(cfg, "image", 1))
     _, before = _one_step(model, batch)
     changed = set(_changed_rows(model, before))
     assert set(_marker_rows(cfg, ("image",))) <= changed
@@ -247,7 +257,8 @@ def demo_tokenizer(tmp_path_factory):
     return load_tokenizer(str(root / "tokenizer"))
 
 
-QA = [("What is 12 plus 30?", "12 plus 30 is 42."), ("How many corners does a square have?", "A square has four corners.")]
+QA = [("What colour do you get by mixing blue and yellow?", "Mixing blue and yellow gives green."),
+      ("How many corners does a square have?", "A square has four corners.")]
 
 
 def _train_tiny(tok, template: str, steps: int = 120):
@@ -267,15 +278,10 @@ def _train_tiny(tok, template: str, steps: int = 120):
     batch = collate_padded(items, tok.pad_token_id)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=3e-3)
     model.train()
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # a 64-wide model: more threads only contend (10x slower on 2 busy cores)
-    try:
-        for _ in range(steps):
-            opt.zero_grad(set_to_none=True)
-            model(**batch).loss.backward()
-            opt.step()
-    finally:
-        torch.set_num_threads(threads)
+    for _ in range(steps):
+        opt.zero_grad(set_to_none=True)
+        model(**batch).loss.backward()
+        opt.step()
     return model.eval()
 
 
@@ -288,16 +294,17 @@ def test_tiny_model_trained_with_lego_stops_at_separator(demo_tokenizer):
     assert style is LEGO
     for q, a in QA:
         ids = prompt_ids(style, [(q, None)], tok, model.config)
-        assert tok.decode(ids).endswith("###Assistant:")  # the release's inference prompt
+        assert style.render([(q, None)]).endswith(f"###Human: {q}###Assistant:")  # the release's prompt
+        assert tok.convert_ids_to_tokens(ids[-2:].tolist()) == ["▁###", "▁Assistant:"]
         out = model.generate([ids], tokenizer=tok, max_new_tokens=40, eos_token_id=tok.eos_token_id,
                              pad_token_id=tok.pad_token_id, stop_strings=style.stop_strings)
         raw = tok.decode(out.tokens[0], skip_special_tokens=True)
         assert out.finish_reasons == ["stop"] and raw.rstrip().endswith("###"), raw
         text = out.texts[0]
         assert text and "#" not in text and style.cut_answer(raw) == text, raw
-        # Trained on "\n### Assistant: " but prompted "###Assistant:" (the release's mismatch),
-        # the tiny model answers with the end of its answer.
-        assert text in a, (text, a)
+        # Trained on "\n### Assistant: ", prompted "###Assistant:" (the release's mismatch; the
+        # demo tokenizer makes both end in the same two tokens), it gives the trained answer.
+        assert text == a, (text, a)
         # lego never trains an EOS: stopping only at EOS, it runs on into invented turns
         longer = model.generate([ids], tokenizer=tok, max_new_tokens=20, eos_token_id=tok.eos_token_id,
                                 pad_token_id=tok.pad_token_id)
@@ -337,4 +344,4 @@ def test_checkpoints_answer_in_their_own_template(demo_tokenizer, tmp_path_facto
             assert answer == QA[0][1], answer
         else:
             # prompted "###Human: ...###Assistant:" and cut at the "###" it learned
-            assert answer and "#" not in answer and answer in QA[0][1], answer
+            assert answer == QA[0][1], answer

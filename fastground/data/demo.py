@@ -18,10 +18,11 @@ Writes, under DIR:
   LLaVA format with paths relative to DIR.
 * `annotations.json`: the ground truth per file (pixel boxes, frame runs, event times),
   for tests and evaluation.
-* `tokenizer/`: a Llama-style BPE tokenizer trained on the text above (`<unk>` `<s>`
-  `</s>` first, digits split, the media tokens and placeholders appended as special
-  tokens), saved by transformers' `PreTrainedTokenizerFast`; <= 512 ids, the tiny
-  preset's vocabulary.
+* `tokenizer/`: a Llama-style BPE tokenizer trained on the text above in the lego template
+  (`<unk>` `<s>` `</s>` first, digits split, `###` and newlines pieces of their own so the
+  release's training text and inference prompt tokenize alike, the media tokens and
+  placeholders appended as special tokens), saved by transformers'
+  `PreTrainedTokenizerFast`; <= 512 ids, the tiny preset's vocabulary.
 * `heldout/`: images and clips not in any training file, in the published RefCOCO,
   Charades-STA and POPE formats (`fastground.data.heldout`), for `fastground.evaluate`.
 * `manifest.json`: parameters and the sha256 of every other file.
@@ -56,7 +57,7 @@ __all__ = ["GENERATOR_VERSION", "generate_demo_data", "ensure_demo_data", "main"
            "SYSTEM_PROMPT", "COLORS", "SHAPES"]
 
 # Bump when the output of a given seed changes, so cached demo sets are rebuilt.
-GENERATOR_VERSION = 3
+GENERATOR_VERSION = 4
 
 # The lego template's system line (the release's, the default template): in the tokenizer
 # corpus so the template tokenises compactly.
@@ -414,9 +415,15 @@ def _conversations(seed: int, images: list, videos: list, sounds: list) -> dict:
 def _metaspace_digits(prepend_scheme: str):
     from tokenizers import pre_tokenizers
 
-    # Metaspace (SentencePiece's "▁") and one token per digit, as Llama splits numbers:
-    # coordinates such as 0.123 then read digit by digit.
+    # "###" and newlines are pieces of their own, each then given its "▁" like a word: the
+    # release trains on "\n### Assistant:" but prompts "###Assistant:" (lego), and merges
+    # across "###" would give the prompt tokens training never saw (a 64-wide model cannot
+    # bridge that; a 7B Llama tokenizes both into nearly the same tokens). Then Metaspace
+    # (SentencePiece's "▁") and one token per digit, as Llama splits numbers: coordinates
+    # such as 0.123 read digit by digit.
     return pre_tokenizers.Sequence([
+        pre_tokenizers.Split("###", behavior="isolated"),
+        pre_tokenizers.Split("\n", behavior="isolated"),
         pre_tokenizers.Metaspace(replacement="▁", prepend_scheme=prepend_scheme),
         pre_tokenizers.Digits(individual_digits=True)])
 
@@ -427,10 +434,9 @@ def _train_tokenizer(segments: list[str], out_dir: str, vocab_size: int = 480) -
     from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.BPE(unk_token="<unk>", fuse_unk=True))
-    # Training sees the text already cut at the placeholders (see `_corpus`), with the
-    # leading "▁" written out where tokenization will add it; "never" keeps the
-    # training pre-tokenizer from adding one to the text that follows a placeholder.
-    tok.pre_tokenizer = _metaspace_digits("never")
+    # Training sees the text already cut at the placeholders (see `_corpus`) and splits it
+    # as tokenization will, so "▁###" and "▁\n" are learned as the pieces they will be.
+    tok.pre_tokenizer = _metaspace_digits("always")
     # Printable ASCII and the newline that follows every placeholder, so no text the
     # pipeline writes falls back to <unk> (there is no byte fallback at this size).
     alphabet = [chr(c) for c in range(33, 127)] + ["\n", "▁"]
@@ -438,8 +444,8 @@ def _train_tokenizer(segments: list[str], out_dir: str, vocab_size: int = 480) -
                                   special_tokens=["<unk>", "<s>", "</s>"],
                                   initial_alphabet=alphabet)
     tok.train_from_iterator(segments, trainer=trainer)
-    tok.pre_tokenizer = _metaspace_digits("first")
-    tok.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="first")
+    tok.pre_tokenizer = _metaspace_digits("always")
+    tok.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="always")
     # Appended after the trained vocabulary, as the release appends them to Vicuna's.
     extra = list(MEDIA_TOKENS) + [PLACEHOLDERS[m] for m in ("image", "video", "sound")]
     tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in extra])
