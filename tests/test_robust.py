@@ -381,6 +381,18 @@ def test_damaged_newest_checkpoint_falls_back_to_the_previous(tmp_path, caplog):
         ckpt.find_resume_checkpoint(str(tmp_path / "checkpoint-0000002"), str(tmp_path))
 
 
+def test_checkpoint_deepspeed_cannot_load_is_one_error_naming_it(tmp_path):
+    from fastground.train import checkpoint as ckpt
+    path = ckpt.save_checkpoint(_FakeEngine(), str(tmp_path), 1, {"step": 1}, 2, 0, torch.device("cpu"))
+
+    class Refusing:
+        def load_checkpoint(self, *a, **k):
+            raise AssertionError("")  # what DeepSpeed raises on a partition it cannot match
+
+    with pytest.raises(ckpt.CheckpointError, match=r"checkpoint-0000001 cannot be loaded \(AssertionError"):
+        ckpt.load_checkpoint(Refusing(), path)
+
+
 def test_second_ctrl_c_exits_at_once(monkeypatch):
     from fastground.train import guards
     exits = []

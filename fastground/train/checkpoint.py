@@ -202,8 +202,13 @@ def load_checkpoint(engine, path: str) -> dict:
     RNG states are restored by the caller right before the first step (see restore_rng)."""
     with open(os.path.join(path, STATE_FILE), encoding="utf-8") as f:
         state = json.load(f)
-    load_path, _ = engine.load_checkpoint(path, tag=DS_TAG, load_module_strict=False,
-                                          load_optimizer_states=True, load_lr_scheduler_states=True)
+    try:
+        load_path, _ = engine.load_checkpoint(path, tag=DS_TAG, load_module_strict=False,
+                                              load_optimizer_states=True, load_lr_scheduler_states=True)
+    except Exception as e:  # a file damaged in a way the structural check cannot see
+        first = (str(e).strip().splitlines() or [""])[0][:300]
+        raise CheckpointError(f"{path} cannot be loaded ({type(e).__name__}: {first}); continue from an earlier "
+                              "checkpoint with --resume DIR") from e
     if load_path is None:
         raise ValueError(f"{path}: DeepSpeed found no checkpoint under {DS_TAG}/")
     return state

@@ -247,6 +247,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         # Expected ways a run can stop on its inputs: one clear line, not a traceback.
         print(f"{PROG}: error: {e}", file=sys.stderr)
         return 1
+    except FloatingPointError as e:
+        print(f"{PROG}: error: {e}; the checkpoints written so far are kept (--resume continues the last one)",
+              file=sys.stderr)
+        return 1
     finally:
         if lock is not None:
             lock.release()
