@@ -98,12 +98,19 @@ class GroundingGPTModel(LlamaModel):
         return self
 
     # ------------------------------------------------------------------ branches
-    def encode_images(self, images: torch.Tensor) -> torch.Tensor:
-        """(N, 3, S, S) -> (N, image_token_len, hidden)."""
+    def image_features(self, images: torch.Tensor) -> torch.Tensor:
+        """Frozen part of the image branch: (N, 3, S, S) -> CLIP select-layer patch features."""
         with torch.no_grad():
             out = self.vision_tower(images.to(self._tower_dtype()), output_hidden_states=True)
-            feats = out.hidden_states[self.gg_config.mm_vision_select_layer][:, 1:]
+            return out.hidden_states[self.gg_config.mm_vision_select_layer][:, 1:]
+
+    def image_branch(self, feats: torch.Tensor) -> torch.Tensor:
+        """Trainable part: (N, patches, clip_hidden) -> (N, image_token_len, hidden)."""
         return self.mm_vision_projector(feats.to(self.mm_vision_projector[0].weight.dtype))
+
+    def encode_images(self, images: torch.Tensor) -> torch.Tensor:
+        """(N, 3, S, S) -> (N, image_token_len, hidden)."""
+        return self.image_branch(self.image_features(images))
 
     def _tower_dtype(self) -> torch.dtype:
         return next(self.vision_tower.parameters()).dtype
@@ -181,9 +188,10 @@ class GroundingGPT(nn.Module):
         media_checked: the caller ran check_media_blocks on these ids (the trainer's collate
         does, on the CPU copy), which spares the device a host sync per check."""
         emb = self.model.embed_tokens(input_ids)
-        for modality, media, encode in (("image", images, self.model.encode_images),
-                                        ("video", videos, self.model.encode_videos),
-                                        ("sound", sounds, self.model.encode_sounds)):
+        m = self.model
+        branches = ((m.image_branch, m.video_branch, m.audio_branch) if self.media_features
+                    else (m.encode_images, m.encode_videos, m.encode_sounds))
+        for modality, media, encode in zip(("image", "video", "sound"), (images, videos, sounds), branches):
             n_media = 0 if media is None else media.shape[0]
             if not media_checked:
                 check_media_blocks(input_ids, self.config, modality, n_media)
@@ -199,6 +207,11 @@ class GroundingGPT(nn.Module):
     # logits of every position; the trainer turns it on (--fused-loss), callers asking for
     # logits get them either way (return_logits=True).
     fused_loss: bool = False
+    # Training from a feature cache (fastground.features, train --feature-cache): images,
+    # videos and sounds hold the frozen encoders' outputs (CLIP select-layer features, frame
+    # Q-Former outputs (T, 32, 768), ImageBind clip features) and only the trainable part of
+    # each branch runs.
+    media_features: bool = False
     # Stage 1 of the release: media samples train only the media start/end embedding rows
     # (set by fastground.model.stages.set_stage).
     stage1_embeddings: bool = False

@@ -538,6 +538,8 @@ def build_run(cfg: TrainConfig, info: DistInfo) -> Run:
         add_lora(model, cfg)
     trainable = trainable_set(model, cfg.stage, cfg.lora)
     cfg = fast_engine.apply_fast_path(cfg, model, device)
+    from fastground import features
+    cache = features.attach(cfg, model, data, prev_data, folders, info)  # --feature-cache
     cfg = dataclasses.replace(cfg, packed=check_packing(cfg.loss_reduction, cfg.packed))
     packed, max_tokens = fast_engine.packing(cfg, model)
     cfg = dataclasses.replace(cfg, packed=packed, max_tokens=max_tokens)
@@ -550,15 +552,19 @@ def build_run(cfg: TrainConfig, info: DistInfo) -> Run:
 
     td = build_train_data(data, prev_data, cfg.alpha, tokenizer, model.config, folders, cfg.max_length,
                           cfg.video_backend, cfg.max_bad_fraction, cfg.seed, rank, world,
-                          cfg.micro_batch, cfg.grad_accum)
+                          cfg.micro_batch, cfg.grad_accum, media_loaders=cache and cache.loaders)
     total = cfg.max_steps if cfg.max_steps is not None else td.batches.steps_for_epochs(cfg.epochs)
     warm = warmup_steps(total, cfg.warmup_ratio)
+    if cache:
+        cache.note_epochs(total, td.batches.steps_in_epoch(0))
     log.info("data: %d samples%s; %d steps of %d samples (%d per process x %d accumulation x %d processes), "
              "warm-up %d steps", td.n_current,
              f" + {td.n_previous} replayed at alpha={cfg.alpha}" if td.n_previous else "",
              total, cfg.global_batch, cfg.micro_batch, cfg.grad_accum, world, warm)
 
     engine = _make_engine(cfg, model, trainable, total, warm, bf16, info)
+    if cache:
+        cache.park_encoders(engine.module)
     counters = {"tokens": 0, "samples": 0, "skipped": 0}
     step = _resume_or_seed(cfg, engine, td, output, info, total, counters)
 

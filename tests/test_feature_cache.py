@@ -1,0 +1,233 @@
+"""Frozen-encoder feature cache: `python -m fastground.features` then
+`python -m fastground.train --feature-cache`.
+
+Training from the cache must be the same function as training from media (bit for bit in
+fp32 with the same crops), a cache made for other weights or preprocessing is refused naming
+what differs, and an interrupted build resumes writing every entry once.
+"""
+import json
+import os
+import sqlite3
+
+import pytest
+import torch
+
+from fastground import GroundingGPT, GroundingGPTConfig
+from fastground.data.feature_cache import CacheError, FeatureCache
+from fastground.train.cli import parse_config
+from tests.tolerances import REL_TOL, rel_err
+
+pytestmark = pytest.mark.requires("deepspeed", "safetensors")
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    from fastground.data.demo import ensure_demo_data
+    return str(ensure_demo_data(tmp_path_factory.mktemp("fc") / "data", n_images=6, n_videos=6, n_sounds=6))
+
+
+def _data_args(demo, stage):
+    return ["--data", os.path.join(demo, f"stage{stage}.json"), "--image-folder", demo, "--video-folder", demo,
+            "--sound-folder", demo, "--tokenizer", os.path.join(demo, "tokenizer")]
+
+
+def _features(argv, tmp):
+    from fastground.features import main
+    # --output: where the trainer would look for a previous stage's weights (none there)
+    assert main(argv + ["--no-progress", "--no-fast-path", "--output", str(tmp / "features-run")]) == 0
+
+
+def _train(argv):
+    from fastground.train.engine import train
+    # the reference modules: Triton's CPU interpreter would take minutes (tests/test_train_fast*)
+    return train(parse_config(argv + ["--no-progress", "--no-tensorboard", "--save-every", "0", "--no-fast-path"],
+                              world_size=1))
+
+
+def _weights(path):
+    return GroundingGPT.from_pretrained(path).state_dict()
+
+
+# 10 steps of 2 samples: stage 1 (18 samples) runs two epochs, so the cache holds two views.
+# One sample per forward, and the cache encoded one media per call: CPU kernels block a
+# batch of 1 and a batch of 8 differently, which moves the last bit of a few features.
+STEPS = ["--max-steps", "10", "--global-batch", "2", "--micro-batch", "1", "--no-packed", "--lr", "1e-3"]
+ONE = ["--batch", "1"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", [1, 3])
+def test_training_from_cache_equals_training_from_media_fp32(demo, tmp_path, stage):
+    cache = str(tmp_path / "cache")
+    _features(_data_args(demo, stage) + ["--stage", str(stage), "--out", cache, "--views", "2",
+                                         "--precision", "fp32"] + ONE, tmp_path)
+    common = _data_args(demo, stage) + ["--stage", str(stage), "--precision", "fp32"] + STEPS
+    media = _train(common + ["--output", str(tmp_path / "media")])
+    cached = _train(common + ["--output", str(tmp_path / "cached"), "--feature-cache", cache, "--cache-strict"])
+    assert cached.losses == media.losses
+    a, b = _weights(media.final), _weights(cached.final)
+    assert [k for k in a if not torch.equal(a[k], b[k])] == []
+
+
+@pytest.mark.slow
+def test_training_from_cache_bf16_within_tolerance(demo, tmp_path):
+    cache = str(tmp_path / "cache")
+    _features(_data_args(demo, 1) + ["--stage", "1", "--out", cache, "--views", "2", "--precision", "bf16"] + ONE, tmp_path)
+    common = _data_args(demo, 1) + ["--stage", "1", "--precision", "bf16"] + STEPS
+    media = _train(common + ["--output", str(tmp_path / "media")])
+    cached = _train(common + ["--output", str(tmp_path / "cached"), "--feature-cache", cache, "--cache-strict"])
+    losses_m = torch.tensor([l for _, l in media.losses])
+    losses_c = torch.tensor([l for _, l in cached.losses])
+    assert rel_err(losses_c, losses_m) <= REL_TOL[torch.bfloat16]
+    a, b = _weights(media.final), _weights(cached.final)
+    from fastground.model.stages import is_trainable
+    trained = [k for k in a if is_trainable(k, 1)]
+    # compared in the bf16 weights the runs export: the update of every trained tensor
+    err = rel_err(torch.cat([b[k].float().flatten() for k in trained]), torch.cat([a[k].float().flatten() for k in trained]))
+    assert err <= REL_TOL[torch.bfloat16]
+
+
+# ---------------------------------------------------------------------------- refusals
+
+
+@pytest.fixture(scope="module")
+def checkpoints(demo, tmp_path_factory):
+    """Two tiny release-layout checkpoints that differ only in the EVA weights, and the first
+    with 2 frames per video instead of 4 (same weights, other preprocessing)."""
+    from fastground.data.tokenizer import load_tokenizer
+    tok = load_tokenizer(os.path.join(demo, "tokenizer"))
+    cfg = GroundingGPTConfig.from_preset("tiny")
+    cfg.set_token_ids(tok)
+    torch.manual_seed(0)
+    model = GroundingGPT(cfg)
+    root = tmp_path_factory.mktemp("ckpt")
+    out = {}
+    for name in ("a", "b", "a_frames"):
+        if name == "b":
+            with torch.no_grad():
+                model.model.visual_encoder.patch_embed.proj.weight.add_(1e-3)
+        if name == "a_frames":
+            with torch.no_grad():
+                model.model.visual_encoder.patch_embed.proj.weight.sub_(1e-3)
+            model.config.num_frames = 2
+        path = str(root / name)
+        model.save_pretrained(path)
+        tok.save_pretrained(path)
+        out[name] = path
+    return out
+
+
+@pytest.fixture(scope="module")
+def cache_a(demo, checkpoints, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("cache")
+    cache = str(tmp / "a")
+    _features(_data_args(demo, 1) + ["--stage", "1", "--model", checkpoints["a"], "--out", cache,
+                                     "--precision", "fp32"], tmp)
+    return cache
+
+
+def _refused(argv, tmp_path, *needles):
+    with pytest.raises(CacheError) as e:
+        _train(argv + ["--max-steps", "1", "--output", str(tmp_path / "run")])
+    for n in needles:
+        assert n in str(e.value), str(e.value)
+    return str(e.value)
+
+
+@pytest.mark.slow
+def test_cache_refused_for_other_weights_or_preprocessing(demo, checkpoints, cache_a, tmp_path):
+    base = _data_args(demo, 1) + ["--stage", "1", "--precision", "fp32", "--feature-cache", cache_a]
+    msg = _refused(base + ["--model", checkpoints["b"]], tmp_path, "encoder weights")
+    assert "preprocessing" not in msg
+    msg = _refused(base + ["--model", checkpoints["a_frames"]], tmp_path,
+                   "video preprocessing frames (cache 4, this run 2)")
+    assert "encoder weights" not in msg
+    _refused(base + ["--model", checkpoints["a"], "--seed", "5"], tmp_path, "seed of the video crops (cache 42, this run 5)")
+    _refused(base + ["--model", checkpoints["a"], "--precision", "bf16"], tmp_path, "dtype (cache float32, this run bfloat16)")
+
+
+def _copy(src, dst):
+    import shutil
+    shutil.copytree(src, dst)
+    return str(dst)
+
+
+@pytest.mark.slow
+def test_truncated_shard_and_missing_entry(demo, checkpoints, cache_a, tmp_path):
+    base = _data_args(demo, 1) + ["--stage", "1", "--precision", "fp32", "--model", checkpoints["a"]]
+    # a truncated shard is named, on open and by the trainer
+    cut = _copy(cache_a, tmp_path / "cut")
+    shard = os.path.join(cut, "shards", sorted(os.listdir(os.path.join(cut, "shards")))[0])
+    with open(shard, "r+b") as f:
+        f.truncate(os.path.getsize(shard) - 100)
+    _refused(base + ["--feature-cache", cut], tmp_path, os.path.basename(shard), "truncated")
+    # a missing entry: refused with --cache-strict, encoded (and counted) without it
+    holed = _copy(cache_a, tmp_path / "holed")
+    with sqlite3.connect(os.path.join(holed, "index.sqlite")) as db:
+        (modality, path), = db.execute("SELECT modality, path FROM entries WHERE modality = 'video' LIMIT 1").fetchall()
+        db.execute("DELETE FROM entries WHERE modality = ? AND path = ?", (modality, path))
+    _refused(base + ["--feature-cache", holed, "--cache-strict"], tmp_path / "s", "1 of the", path)
+    n_before = len(FeatureCache.open(holed))
+    run = _train(base + ["--feature-cache", holed, "--max-steps", "1", "--output", str(tmp_path / "fill")])
+    assert run.steps == 1
+    assert len(FeatureCache.open(holed)) == n_before + 1
+    # an entry made from other file contents is not served
+    from fastground.features import fingerprint
+    c = FeatureCache.open(cache_a)
+    modality, key, view = c.entries()[0]
+    path = os.path.join(demo, key)
+    assert c.get(modality, key, view, fingerprint(path)) is not None
+    changed = tmp_path / "changed" / os.path.basename(key)
+    changed.parent.mkdir()
+    changed.write_bytes(open(path, "rb").read() + b"\0")
+    assert c.get(modality, key, view, fingerprint(str(changed))) is None
+
+
+# ---------------------------------------------------------------------------- resume
+
+
+@pytest.mark.slow
+def test_interrupted_build_resumes_writing_every_entry_once(demo, tmp_path, monkeypatch):
+    from fastground import features
+    from fastground.train.engine import setup_distributed
+    cfg, own = features.parse(_data_args(demo, 1) + ["--stage", "1", "--out", str(tmp_path / "c"), "--views", "2",
+                                                     "--precision", "fp32", "--no-fast-path"])
+    info = setup_distributed()
+    model, data, prev, folders = features.load_encoders(cfg, info)
+    items = features.plan(data, prev, cfg.alpha, folders, model.config, cfg.seed, 2)
+    assert len({(i.modality, i.key, i.view) for i in items}) == len(items)
+    spec = features.cache_spec(cfg, model, 2)
+    cache = FeatureCache.create_or_open(own["out"], spec)
+
+    written = []
+    real = FeatureCache.write_shard
+
+    def spy(self, rank, batch):
+        name = real(self, rank, batch)
+        written.extend((m, p, v) for m, p, v, _, _ in batch)
+        if len(written) >= 10 and not getattr(spy, "fired", False):
+            spy.fired = True
+            raise KeyboardInterrupt  # killed right after a shard was committed
+        return name
+
+    monkeypatch.setattr(FeatureCache, "write_shard", spy)
+    with pytest.raises(KeyboardInterrupt):
+        features.build(model, items, cache, shard_size=4, batch=3, progress=False)
+    assert 10 <= len(written) < len(items)
+    # a shard file renamed into place whose rows never made it: removed, its entries redone
+    orphan = os.path.join(own["out"], "shards", "r0-999999.safetensors")
+    open(orphan, "wb").write(b"x" * 10)
+    counts = features.build(model, items, FeatureCache.create_or_open(own["out"], spec), shard_size=4, batch=3,
+                            progress=False)
+    assert not os.path.exists(orphan)
+    assert sorted(written) == sorted((i.modality, i.key, i.view) for i in items)  # each entry once
+    assert counts["skipped"] == 12 and counts["written"] == len(items) - 12
+    again = features.build(model, items, FeatureCache.open(own["out"], spec), progress=False)
+    assert again["written"] == 0 and again["skipped"] == len(items)
+    # the stored features are those of a build in one go
+    whole = str(tmp_path / "whole")
+    monkeypatch.setattr(FeatureCache, "write_shard", real)
+    features.build(model, items, FeatureCache.create_or_open(whole, spec), progress=False)
+    a, b = FeatureCache.open(own["out"], spec), FeatureCache.open(whole, spec)
+    for it in items:
+        assert torch.equal(a.get(it.modality, it.key, it.view), b.get(it.modality, it.key, it.view))
