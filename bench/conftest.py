@@ -32,8 +32,9 @@ TINY_BATCHES = (2,)
 # stages 2 and 3 train the LLM too at the release's max length.
 RELEASE_TRAIN = ((3, 8, 2048), (2, 16, 2048), (1, 64, 1024))
 TINY_TRAIN = ((3, 2, 64),)
-MODULE_ORDER = ("test_video_branch", "test_image_adapter", "test_audio_branch", "test_attention",
-                "test_train_step", "test_decoding")
+# Headline cases first: the whole training step, then the branches, then the parts.
+MODULE_ORDER = ("test_train_step", "test_video_branch", "test_audio_branch", "test_image_adapter",
+                "test_attention", "test_decoding")
 
 
 def pytest_addoption(parser):
@@ -142,6 +143,8 @@ class FG:
 
     def record(self, fig: dict) -> None:
         self.records.append(fig)
+        # Written after every case: a run killed by a device-time limit keeps what it measured.
+        write_results(self, self.config, complete=False)
 
 
 _FG: FG | None = None
@@ -179,8 +182,9 @@ def pytest_generate_tests(metafunc):
 
 
 def pytest_collection_modifyitems(session, config, items):
-    """Smallest batch first across every suite, so the release-stage figures that carry
-    the targets (batch 8) are measured before a time budget can cut the run short."""
+    """Headline suites first (MODULE_ORDER: training step, then branches), smallest batch
+    first within each, so the figures that carry the targets are measured before a time
+    budget or a device-time limit can cut the run short."""
     def key(pair):
         idx, item = pair
         try:
@@ -191,7 +195,7 @@ def pytest_collection_modifyitems(session, config, items):
         batch = params.get("batch") or (params.get("train_case") or (0, 0))[1]
         mod = Path(item.path).stem
         rank = MODULE_ORDER.index(mod) if mod in MODULE_ORDER else len(MODULE_ORDER)
-        return (1, batch, rank, idx)
+        return (1, rank, batch, idx)
     items[:] = [it for _, it in sorted(enumerate(items), key=key)]
 
 
@@ -252,7 +256,7 @@ def _versions() -> dict:
     return v
 
 
-def results_payload(fg: FG, config) -> dict:
+def results_payload(fg: FG, config, complete: bool = True) -> dict:
     dev = {"kind": fg.device.type}
     if fg.gpu:
         p = torch.cuda.get_device_properties(fg.device)
@@ -278,28 +282,35 @@ def results_payload(fg: FG, config) -> dict:
         "cases": fg.records,
         "skipped": _SKIPPED,
         "failed": _FAILED,
+        "complete": complete,  # False while running, or when the run was cut short
     }
 
 
 _WRITTEN: list[Path] = []
 
 
-def pytest_sessionfinish(session, exitstatus):
-    fg = _FG
-    if fg is None or not fg.records:
-        return
-    save_cpu = session.config.getoption("fg_save_cpu")
-    if not fg.gpu and not save_cpu:
-        return
-    payload = results_payload(fg, session.config)
+def write_results(fg: FG, config, complete: bool) -> Path | None:
+    """The results file of this session, replaced atomically (never half written)."""
+    if not fg.records or (not fg.gpu and not config.getoption("fg_save_cpu")):
+        return None
+    payload = results_payload(fg, config, complete)
     name = _slug(payload["device"]) if fg.gpu else "cpu-" + _slug(payload["device"])
-    out_dir = Path(session.config.getoption("fg_results_dir"))
+    out_dir = Path(config.getoption("fg_results_dir"))
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / f"{name}.json"
     tmp = path.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(payload, indent=1, sort_keys=True, default=float) + "\n")
     tmp.replace(path)
-    _WRITTEN.append(path)
+    return path
+
+
+def pytest_sessionfinish(session, exitstatus):
+    fg = _FG
+    if fg is None:
+        return
+    path = write_results(fg, session.config, complete=True)
+    if path is not None:
+        _WRITTEN.append(path)
 
 
 def pytest_terminal_summary(terminalreporter):

@@ -217,10 +217,25 @@ def figures(fg, info: CaseInfo, dev_s: list[float], host_s: list[float], peak: i
             "floor_bound": info.cost.bound(c.matmul_flops_per_s, c.copy_bytes_per_s),
             "ratio": med / floor_s if floor_s > 0 else math.nan,
             "tflops": info.cost.flops / med / 1e12,
+            # the measured cuBLAS rate of this device, beside the datasheet MFU below
             "pct_matmul_rate": 100.0 * info.cost.flops / med / c.matmul_flops_per_s,
             "gbps": info.cost.bytes / med / 1e9,
         })
+        peak = datasheet_peak(fg.device)
+        if peak is not None:
+            # One MFU for bench/ and the trainer (fastground.train.metrics.mfu): model FLOPs
+            # per second over the datasheet's dense bf16 peak.
+            from fastground.train.metrics import mfu
+            fig["peak_tflops"] = peak / 1e12
+            fig["mfu"] = mfu(info.cost.flops, 1.0, med, 1, peak)
     return fig
+
+
+def datasheet_peak(device: torch.device) -> float | None:
+    """Dense bf16 tensor-core FLOP/s of this device from the vendor's data sheet (None off-GPU
+    or for an unknown GPU): the trainer's table, so both report one MFU."""
+    from fastground.train.metrics import peak_flops
+    return peak_flops(device, None)
 
 
 # ---------------------------------------------------------------------------- variants

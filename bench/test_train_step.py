@@ -115,7 +115,6 @@ def test_train_step(benchmark, fg, variant, train_case):
                     "stage": stage, "seq": seq, "trainable_params": sum(p.numel() for p in trainable.values()),
                     "tokens_per_s": None})
                 fig["tokens_per_s"] = batch * seq / (fig["time_ms"] / 1e3)
-                fig["mfu_vs_measured_matmul"] = fig["pct_matmul_rate"] / 100.0
                 benchmark.extra_info.update(fig)
                 del opt
         finally:
