@@ -236,3 +236,39 @@ def test_interrupted_build_resumes_writing_every_entry_once(demo, tmp_path, monk
     a, b = FeatureCache.open(own["out"], spec), FeatureCache.open(whole, spec)
     for it in items:
         assert torch.equal(a.get(it.modality, it.key, it.view), b.get(it.modality, it.key, it.view))
+
+
+# ---------------------------------------------------------------------------- uint8 frames
+
+
+@pytest.mark.parametrize("resize_mode", ["squash", "center_crop"])
+@pytest.mark.parametrize("train", [False, True])
+def test_uint8_frames_normalised_on_the_device_equal_the_float_path(demo, resize_mode, train):
+    from fastground.data.video import load_video, normalize_frames
+    cfg = GroundingGPTConfig.from_preset("tiny")
+    videos = sorted(os.listdir(os.path.join(demo, "videos")))[:2]
+    floats, frames = [], []
+    for i, name in enumerate(videos):
+        path = os.path.join(demo, "videos", name)
+        kw = dict(train=train, seed=1234 + i, resize_mode=resize_mode)
+        floats.append(load_video(path, cfg, **kw))
+        u = load_video(path, cfg, normalize=False, **kw)
+        assert u.dtype == torch.uint8 and u.shape == (cfg.num_frames, cfg.eva_image_size, cfg.eva_image_size, 3)
+        frames.append(u)
+    floats, frames = torch.stack(floats), torch.stack(frames)
+    assert floats.dtype == torch.float32
+    assert torch.equal(normalize_frames(frames), floats)  # the batch, as the model normalises it
+    torch.manual_seed(0)
+    model = GroundingGPT(cfg).eval()
+    with torch.no_grad():
+        assert torch.equal(model.model.frame_features(frames), model.model.frame_features(floats))
+
+
+def test_trainer_ships_uint8_frames(demo):
+    from fastground.train.data import SeededVideoLoader
+    cfg = GroundingGPTConfig.from_preset("tiny")
+    loader = SeededVideoLoader()
+    loader.seed = loader.item_seed(42, 0, 3)
+    path = os.path.join(demo, "videos", sorted(os.listdir(os.path.join(demo, "videos")))[0])
+    x = loader(path, cfg, train=True)
+    assert x.dtype == torch.uint8 and x.shape[-1] == 3

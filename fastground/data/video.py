@@ -214,8 +214,10 @@ def crop_box(width: int, height: int, size: int, train: bool = False, seed: Seed
 
 
 def normalize_frames(frames: torch.Tensor) -> torch.Tensor:
-    """uint8 (T, S, S, 3) -> float (3, T, S, S): /255 and CLIP mean/std."""
-    x = frames.permute(3, 0, 1, 2).to(torch.float32) / 255.0
+    """uint8 (..., T, S, S, 3) -> float (..., 3, T, S, S): /255 and CLIP mean/std. The same
+    arithmetic wherever it runs, so frames shipped as uint8 and normalised on the device
+    equal frames normalised here (the trainer ships uint8: a quarter of the bytes)."""
+    x = frames.movedim(-1, -4).to(torch.float32) / 255.0
     mean = torch.tensor(CLIP_MEAN, dtype=torch.float32, device=x.device).view(3, 1, 1, 1)
     std = torch.tensor(CLIP_STD, dtype=torch.float32, device=x.device).view(3, 1, 1, 1)
     return (x - mean) / std
@@ -404,8 +406,10 @@ def get_decoder(backend: str = "pyav") -> VideoDecoder:
 
 def load_video(path: Any, cfg, train: bool = False, seed: Seed = None,
                backend: str = "pyav", sample_id: Any = None, *,
-               allow_repeat: bool = False, resize_mode: str = "squash") -> torch.Tensor:
-    """Video file -> FloatTensor (3, T, S, S): T = cfg.num_frames, S = cfg.eva_image_size.
+               allow_repeat: bool = False, resize_mode: str = "squash",
+               normalize: bool = True) -> torch.Tensor:
+    """Video file -> FloatTensor (3, T, S, S): T = cfg.num_frames, S = cfg.eva_image_size;
+    with `normalize=False` the uint8 frames (T, S, S, 3), for `normalize_frames` on the device.
 
     `train` draws a random-resized crop from `seed` (an int, a numpy Generator, or None
     for fresh entropy). The tensor lives where the backend ran: CPU for "pyav" and DALI
@@ -413,5 +417,5 @@ def load_video(path: Any, cfg, train: bool = False, seed: Seed = None,
     """
     dec = get_decoder(backend)
     return dec.decode(path, int(cfg.num_frames), int(cfg.eva_image_size), train, seed,
-                      allow_repeat=allow_repeat, resize_mode=resize_mode, normalize=True,
+                      allow_repeat=allow_repeat, resize_mode=resize_mode, normalize=normalize,
                       sample_id=sample_id)

@@ -116,7 +116,12 @@ class GroundingGPTModel(LlamaModel):
         return next(self.vision_tower.parameters()).dtype
 
     def frame_features(self, videos: torch.Tensor) -> torch.Tensor:
-        """Frozen part of the video branch: (N, 3, T, H, W) -> (N, T, num_query_token, 768)."""
+        """Frozen part of the video branch: (N, 3, T, H, W) -> (N, T, num_query_token, 768).
+        uint8 (N, T, H, W, 3) frames as decoded (the trainer ships those) are normalised here,
+        on the device, with the loader's own arithmetic."""
+        if videos.dtype == torch.uint8:
+            from fastground.data.video import normalize_frames
+            videos = normalize_frames(videos)
         n, _, t = videos.shape[:3]
         frames = videos.transpose(1, 2).flatten(0, 1)  # (N*T, 3, H, W), the release's b c t -> (b t) c
         with torch.no_grad():

@@ -37,6 +37,9 @@ class SeededVideoLoader:
 
     def __call__(self, path, cfg, train=False, seed=None, backend="pyav", sample_id=None, **kwargs):
         from fastground.data.video import load_video
+        # uint8 frames: a quarter of the bytes through workers, pinning and the copy; the
+        # model normalises them on the device (bit-identical, tests/test_feature_cache.py)
+        kwargs.setdefault("normalize", False)
         return load_video(path, cfg, train=train, seed=self.seed if seed is None else seed,
                           backend=backend, sample_id=sample_id, **kwargs)
 
