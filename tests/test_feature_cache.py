@@ -272,3 +272,40 @@ def test_trainer_ships_uint8_frames(demo):
     path = os.path.join(demo, "videos", sorted(os.listdir(os.path.join(demo, "videos")))[0])
     x = loader(path, cfg, train=True)
     assert x.dtype == torch.uint8 and x.shape[-1] == 3
+
+
+# ---------------------------------------------------------------------------- DALI and workers
+
+
+def test_dali_gpu_decoding_is_refused_in_a_forked_worker(monkeypatch):
+    from fastground.data.video import DALIDecoder, worker_start_method
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert worker_start_method("dali") == "spawn"
+    assert worker_start_method("pyav") is None
+    monkeypatch.setattr(torch.cuda, "_is_in_bad_fork", lambda: True)
+    with pytest.raises(RuntimeError, match="forked DataLoader worker"):
+        DALIDecoder(device="gpu")._pipe(56)
+
+
+@pytest.mark.slow
+@pytest.mark.requires("nvidia.dali")
+def test_trainer_loader_spawns_workers_for_dali(demo, monkeypatch):
+    """With DALI on a GPU the trainer's workers are spawned, not forked. On CPU the spawned
+    worker decodes with DALI's CPU decoder: the whole path (dataset pickled into a fresh
+    process, decoding there, uint8 frames back) runs and gives the main process's batch."""
+    from fastground.data.tokenizer import load_tokenizer
+    from fastground.train.data import build_train_data
+    tok = load_tokenizer(os.path.join(demo, "tokenizer"))
+    cfg = GroundingGPTConfig.from_preset("tiny")
+    cfg.set_token_ids(tok)
+    videos = [e for e in json.load(open(os.path.join(demo, "stage1.json"))) if "video" in e][:2]
+    data = os.path.join(os.path.dirname(demo), "videos_only.json")
+    json.dump(videos, open(data, "w"))
+    td = build_train_data(data, None, 0.0, tok, cfg, {"video": demo}, 256, "dali", 0.05, 42, 0, 1, 2, 1)
+    with monkeypatch.context() as m:
+        m.setattr(torch.cuda, "is_available", lambda: True)
+        loader = td.loader(0, 1, False, 256, 42, False)
+    assert loader.multiprocessing_context.get_start_method() == "spawn"
+    spawned = next(iter(loader))
+    inline = next(iter(td.loader(0, 0, False, 256, 42, False)))
+    assert spawned["videos"].dtype == torch.uint8 and torch.equal(spawned["videos"], inline["videos"])

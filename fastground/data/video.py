@@ -58,7 +58,7 @@ from fastground.data.image import CLIP_MEAN, CLIP_STD
 __all__ = [
     "VideoInfo", "probe_video", "frame_indices", "crop_box",
     "VideoDecoder", "PyAVDecoder", "DALIDecoder", "get_decoder", "load_video",
-    "normalize_frames",
+    "normalize_frames", "worker_start_method",
 ]
 
 log = logging.getLogger(__name__)
@@ -313,6 +313,10 @@ class DALIDecoder(VideoDecoder):
         key = (os.getpid(), size)
         pipe = self._pipes.get(key)
         if pipe is None:
+            if self.device == "gpu" and torch.cuda._is_in_bad_fork():
+                raise RuntimeError("DALI GPU decoding cannot start in a forked DataLoader worker (CUDA was "
+                                   "initialised in the parent); start workers with spawn "
+                                   "(worker_start_method) or decode in the main process (num_workers=0)")
             pipe = self._build(size)
             self._pipes[key] = pipe
         return pipe
@@ -385,6 +389,14 @@ def _to_torch(batch) -> torch.Tensor:
         feed_ndarray(tensor, out, cuda_stream=torch.cuda.current_stream())
         return out[0]
     return torch.from_numpy(np.array(tensor)[0])
+
+
+def worker_start_method(backend: str) -> str | None:
+    """How DataLoader workers decoding with `backend` must start: "spawn" for DALI on the GPU
+    (a forked child cannot use the CUDA its parent initialised), else the platform default."""
+    if backend == "dali" and torch.cuda.is_available():
+        return "spawn"
+    return None
 
 
 _DECODERS: dict[str, VideoDecoder] = {}

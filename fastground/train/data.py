@@ -218,6 +218,9 @@ class TrainData:
             fn = functools.partial(collate, pad_token_id=self.pad_token_id, packed=False,
                                    max_tokens=self.batches.micro * max_length, model_cfg=self.model_cfg)
         kwargs = dict(prefetch_factor=4, persistent_workers=False) if num_workers else {}
+        if num_workers:
+            from fastground.data.video import worker_start_method
+            kwargs["multiprocessing_context"] = worker_start_method(self.samples.parts[0].video_backend)
         return torch.utils.data.DataLoader(
             self.samples, batch_sampler=self.batches, collate_fn=fn, num_workers=num_workers,
             pin_memory=pin_memory, generator=torch.Generator().manual_seed(seed), **kwargs)
