@@ -357,7 +357,10 @@ def bwd_config(BH: int, Lq: int, Lk: int, D: int, dtype: torch.dtype, sms: int, 
         cap_n, warps, stages = 16, (8 if precision == "ieee" else 4), 2
     else:
         cap_n, warps, stages = 32, 4, 3
-    cfg = dict(BLOCK_M=_p2(Lq, 16, 64), BLOCK_N=_p2(Lk, 16, cap_n), BLOCK_D=_p2(D, 16, 128),
+    # More than 64 queries: q, dO and the dQ partial are reloaded per query block, and a
+    # 64-row block of them no longer fits registers next to the key tiles (spills on sm_80).
+    block_m = _p2(Lq, 16, 64) if Lq <= 64 else (16 if dtype == torch.float32 else 32)
+    cfg = dict(BLOCK_M=block_m, BLOCK_N=_p2(Lk, 16, cap_n), BLOCK_D=_p2(D, 16, 128),
                num_warps=warps, num_stages=stages)
     n_blocks = cdiv(Lk, cfg["BLOCK_N"])
     cfg["blocks_per_chunk"] = max(1, (n_blocks * BH) // (2 * sms))
