@@ -309,3 +309,43 @@ def test_trainer_loader_spawns_workers_for_dali(demo, monkeypatch):
     spawned = next(iter(loader))
     inline = next(iter(td.loader(0, 0, False, 256, 42, False)))
     assert spawned["videos"].dtype == torch.uint8 and torch.equal(spawned["videos"], inline["videos"])
+
+
+# ---------------------------------------------------------------------------- probing
+
+
+def _h264(path, n=90, faststart=True):
+    import av
+    import numpy as np
+    c = av.open(str(path), "w", options={"movflags": "faststart"} if faststart else {})
+    s = c.add_stream("libx264", rate=30)
+    s.width, s.height, s.pix_fmt, s.options = 96, 64, "yuv420p", {"g": "15"}
+    for i in range(n):
+        img = np.zeros((64, 96, 3), np.uint8)
+        img[:, (i % 90):(i % 90) + 6] = 255
+        for p in s.encode(av.VideoFrame.from_ndarray(img, format="rgb24")):
+            c.mux(p)
+    for p in s.encode():
+        c.mux(p)
+    c.close()
+    return str(path)
+
+
+def test_mp4_probed_from_its_header_and_a_cut_file_still_fails(tmp_path, monkeypatch):
+    import av
+    from fastground.data.errors import MediaError
+    from fastground.data.video import load_video, probe_video
+    path = _h264(tmp_path / "clip.mp4")
+    demuxed = []
+    real = av.container.InputContainer.demux
+    monkeypatch.setattr(av.container.InputContainer, "demux", lambda self, *a, **k: demuxed.append(1) or real(self, *a, **k))
+    info = probe_video(path)
+    assert (info.n_frames, info.width, info.height, info.codec) == (90, 96, 64, "h264") and not demuxed
+    monkeypatch.undo()
+    cfg = GroundingGPTConfig.from_preset("tiny")
+    assert load_video(path, cfg).shape == (3, cfg.num_frames, cfg.eva_image_size, cfg.eva_image_size)
+    cut = tmp_path / "cut.mp4"
+    data = open(path, "rb").read()
+    cut.write_bytes(data[: len(data) * 2 // 3])
+    with pytest.raises(MediaError, match="truncated|corrupt"):
+        load_video(str(cut), cfg)

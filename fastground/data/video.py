@@ -100,8 +100,8 @@ def _open_container(path: str, sample_id: Any):
 def probe_video(path: Any, sample_id: Any = None) -> VideoInfo:
     """Frame count, size, rate and codec of the first video stream, by demuxing only.
 
-    The count is the container's when it stores one (MP4/MOV); otherwise (WebM, MKV,
-    AVI) the video packets are counted, which is how decord counts them too: one
+    The count is the container's when it stores one (MP4/MOV: read from the header, the
+    file is not scanned); otherwise (WebM, MKV, AVI) the video packets are counted, which is how decord counts them too: one
     packet per shown frame (VP9 carries its hidden frames inside superframes). A file
     whose packets end well before the duration its header declares is reported as
     truncated, because decoders would otherwise return the surviving frames silently.
@@ -120,6 +120,10 @@ def probe_video(path: Any, sample_id: Any = None) -> VideoInfo:
         rate = stream.average_rate or stream.guessed_rate or stream.base_rate
         fps = float(rate) if rate else 0.0
         declared = container.duration / 1e6 if container.duration else None
+        if stream.frames and stream.frames > 0:
+            # The container's own count (MP4/MOV): no pass over the file. A file cut short
+            # fails where its frames are decoded ("truncated video: decoded n frames").
+            return VideoInfo(int(stream.frames), width, height, fps, cc.name, declared)
         counted, end = 0, 0.0
         try:
             # Packets of every stream: a file whose audio outlasts its video is whole.
