@@ -130,7 +130,7 @@ class Metrics:
             self.file.flush()
             if self.writer is not None:
                 for k, v in rec.items():
-                    if k != "step":
+                    if k != "step" and isinstance(v, (int, float)):  # not the run id
                         self.writer.add_scalar(f"train/{k}", v, step)
         if self.bar is not None:
             post = {"loss": f"{loss:.4f}", "lr": f"{lr:.2e}", "tok/s": f"{rec['tokens_per_s']:.0f}",
