@@ -19,10 +19,11 @@ Writes, under DIR:
 * `annotations.json`: the ground truth per file (pixel boxes, frame runs, event times),
   for tests and evaluation.
 * `tokenizer/`: a Llama-style BPE tokenizer trained on the text above in the lego template
-  (`<unk>` `<s>` `</s>` first, digits split, `###` and newlines pieces of their own so the
-  release's training text and inference prompt tokenize alike, the media tokens and
-  placeholders appended as special tokens), saved by transformers'
-  `PreTrainedTokenizerFast`; <= 512 ids, the tiny preset's vocabulary.
+  (`<unk>` `<s>` `</s>` first, digits split, `###` and newlines pieces of their own and the
+  whitespace at the ends of every piece stripped, so the release's training text and
+  inference prompt tokenize alike, the media tokens and placeholders appended as special
+  tokens), saved by transformers' `PreTrainedTokenizerFast`; <= 512 ids, the tiny preset's
+  vocabulary.
 * `heldout/`: images and clips not in any training file, in the published RefCOCO,
   Charades-STA and POPE formats (`fastground.data.heldout`), for `fastground.evaluate`.
 * `manifest.json`: parameters and the sha256 of every other file.
@@ -57,7 +58,7 @@ __all__ = ["GENERATOR_VERSION", "generate_demo_data", "ensure_demo_data", "main"
            "SYSTEM_PROMPT", "COLORS", "SHAPES"]
 
 # Bump when the output of a given seed changes, so cached demo sets are rebuilt.
-GENERATOR_VERSION = 4
+GENERATOR_VERSION = 5
 
 # The lego template's system line (the release's, the default template): in the tokenizer
 # corpus so the template tokenises compactly.
@@ -430,10 +431,15 @@ def _metaspace_digits(prepend_scheme: str):
 
 def _train_tokenizer(segments: list[str], out_dir: str, vocab_size: int = 480) -> int:
     """Llama-style BPE on `segments`, saved with transformers; returns len(tokenizer)."""
-    from tokenizers import AddedToken, Tokenizer, decoders, models, processors, trainers
+    from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.BPE(unk_token="<unk>", fuse_unk=True))
+    # Text is tokenized piece by piece between media blocks (fastground.data.conversation), so
+    # stripping each piece strips the whitespace around media blocks, as Llama's slow
+    # tokenizer does (the release's training): the release's inference prompt ("Human: " +
+    # block + "\n...") then gives the tokens training saw ("Human:" + block + "...").
+    tok.normalizer = normalizers.Strip()
     # Training sees the text already cut at the placeholders (see `_corpus`) and splits it
     # as tokenization will, so "▁###" and "▁\n" are learned as the pieces they will be.
     tok.pre_tokenizer = _metaspace_digits("always")
