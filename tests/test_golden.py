@@ -31,14 +31,15 @@ def golden_config() -> GroundingGPTConfig:
     """The tiny preset at the widths the golden files were made with (read from their configs)."""
     v, a = load_golden("video")["config"], load_golden("audio")["config"]
     assert v["tokens_per_frame"] == 32 and v["cross_attention_freq"] == a["cross_attention_freq"] == 1
-    return with_token_ids(GroundingGPTConfig.from_preset(
+    cfg = with_token_ids(GroundingGPTConfig.from_preset(
         "tiny", qformer_hidden_size=v["qf_hidden"], qformer_num_heads=v["qf_heads"],
         qformer_intermediate_size=v["qf_intermediate"], qformer_layer_norm_eps=v["layer_norm_eps"],
         qformer_max_position_embeddings=512, num_query_token=v["tokens_per_frame"],
         video_token_len=v["queries"], max_frame=v["max_frame"], video_qformer_layers=v["num_hidden_layers"],
         hidden_size=v["llm_hidden"], num_attention_heads=4, num_key_value_heads=4,
-        audio_out_dim=a["encoder_width"], sound_token_len=a["queries"],
-        audio_position_embeddings=a["audio_pos_rows"], audio_qformer_layers=a["num_hidden_layers"]))
+        audio_out_dim=a["encoder_width"], sound_token_len=a["queries"], audio_qformer_layers=a["num_hidden_layers"]))
+    assert cfg.audio_position_embeddings == a["audio_pos_rows"]  # the release sizes it by sound_token_len
+    return cfg
 
 
 @pytest.fixture(scope="module")

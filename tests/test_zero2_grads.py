@@ -129,6 +129,7 @@ def test_zero2_sgd_two_steps_match_hand_reference(setup):
     trainable = set_stage(model, STAGE)
     init = {n: p.detach().clone() for n, p in trainable.items()}
     per_rank = [_rank_micro_batches(model, tok, setup["demo"], r) for r in range(WORLD)]
+    wrong = []  # every disagreement, so a failure says which quantities are off
     for step in range(STEPS):
         micro = [per_rank[r][step * ACCUM + k] for r in range(WORLD) for k in range(ACCUM)]
         count = sum(int((s["labels"][1:] != IGNORE).sum()) for m in micro for s in m)
@@ -142,11 +143,14 @@ def test_zero2_sgd_two_steps_match_hand_reference(setup):
             loss_sum += nll.item()
         grads = {n: p.grad if p.grad is not None else torch.zeros_like(p) for n, p in trainable.items()}
         norm = math.sqrt(sum(g.double().pow(2).sum().item() for g in grads.values()))
-        rec = records[step]
-        assert rec["answer_tokens"] == count, (rec["answer_tokens"], count)
-        assert abs(rec["loss"] - loss_sum / count) < 1e-5 * loss_sum / count, (rec["loss"], loss_sum / count)
-        assert abs(rec["grad_norm"] - norm) < 1e-4 * norm, (rec["grad_norm"], norm)  # the reduced gradient's size
         assert norm > 2 * CLIP  # the threshold binds
+        rec = records[step]
+        if rec["answer_tokens"] != count:
+            wrong.append(f"step {step + 1}: answer tokens {rec['answer_tokens']}, counted {count}")
+        if abs(rec["grad_norm"] - norm) > 1e-4 * norm:  # the reduced gradient's size, before clipping
+            wrong.append(f"step {step + 1}: gradient norm {rec['grad_norm']:.6g}, reference {norm:.6g}")
+        if abs(rec["loss"] - loss_sum / count) > 1e-5 * loss_sum / count:
+            wrong.append(f"step {step + 1}: loss {rec['loss']:.7g}, reference {loss_sum / count:.7g}")
         coef = min(1.0, CLIP / (norm + 1e-6))
         with torch.no_grad():
             for n, p in trainable.items():
@@ -157,4 +161,6 @@ def test_zero2_sgd_two_steps_match_hand_reference(setup):
         err += (got[n].double() - p.detach().double()).pow(2).sum().item()
         upd += (p.detach().double() - init[n].double()).pow(2).sum().item()
         assert not torch.equal(got[n], init[n]), f"{n} did not move"
-    assert math.sqrt(err / upd) < 1e-3, math.sqrt(err / upd)
+    if math.sqrt(err / upd) > 1e-3:
+        wrong.append(f"final weights: relative error of the update {math.sqrt(err / upd):.3g}")
+    assert not wrong, "; ".join(wrong)
