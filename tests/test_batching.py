@@ -54,8 +54,9 @@ def frozen_features(inner, modality, x):
     return inner.frame_features(x) if modality == "video" else inner.clip_features(x)
 
 
-@pytest.mark.parametrize("path", ["reference", "fast"])
-@pytest.mark.parametrize("modality,n", [("image", 3), ("video", 3), ("sound", 2)])
+@pytest.mark.parametrize("path,modality,n", [
+    ("reference", "image", 3), ("reference", "video", 3), ("reference", "sound", 2),
+    ("fast", "image", 3), pytest.param("fast", "video", 3, marks=pytest.mark.slow), ("fast", "sound", 2)])
 def test_batched_media_equal_each_alone(models, path, modality, n):
     model = models[path]
     inner, cfg = model.model, model.config
@@ -104,7 +105,7 @@ def _sample_ids(cfg, modality, blocks, seed):
 
 
 @pytest.mark.parametrize("path,modality", [("reference", "image"), ("reference", "video"), ("reference", "sound"),
-                                           ("fast", "video")])
+                                           pytest.param("fast", "video", marks=pytest.mark.slow)])
 def test_whole_model_rows_equal_each_sample_alone(models, path, modality):
     """Three samples, one with two media blocks: 4 media in the batch, spliced in order.
     (The fast path runs every Triton kernel under the interpreter here, so it takes the
