@@ -66,6 +66,15 @@ def frozen_modules(model) -> list[tuple[str, object]]:
     return [(p.name, getattr(inner, p.name)) for p in parts(role="encoder")]
 
 
+def move_frozen(model, device) -> None:
+    """Move the frozen encoders (modules and bare parameters) to `device`, in place."""
+    for _, part in frozen_modules(model):
+        if isinstance(part, torch.nn.Module):
+            part.to(device)
+        else:
+            part.data = part.data.to(device)
+
+
 def encode(model, modality: str, media: torch.Tensor) -> torch.Tensor:
     """The frozen part of one branch on a batch of media."""
     inner = model.model
@@ -268,9 +277,7 @@ class TrainingCache:
 
     def park_encoders(self, model) -> None:
         """The frozen encoders never run; keep them on the CPU (they stay in the checkpoints)."""
-        for _, mod in frozen_modules(model):
-            if isinstance(mod, torch.nn.Module):
-                mod.to("cpu")
+        move_frozen(model, torch.device("cpu"))
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
 
@@ -281,32 +288,33 @@ def attach(cfg, model, data: str, prev_data: str | None, folders: dict, info) ->
     now, counted, or refusing them with --cache-strict), and switch the model to read features."""
     if not cfg.feature_cache:
         return None
-    from fastground.train.engine import _barrier
+    from fastground.train.engine import _all_reduce_sum, _barrier
     check_cacheable(model)
     root = cfg.feature_cache
+    if not os.path.isdir(root):
+        raise CacheError(f"--feature-cache {root}: directory not found; build it with {PROG} --out {root}")
     views = FeatureCache.open(root).spec.views
     cache = FeatureCache.open(root, cache_spec(cfg, model, views))
     items = plan(data, prev_data, cfg.alpha, folders, model.config, cfg.seed, views)
-    lacking = missing(cache, items)
+    # each rank checks (and fills) every world-size-th item; the count is the run's
+    lacking = missing(cache, items[info.rank::info.world_size])
+    n_lacking = int(_all_reduce_sum([float(len(lacking))], info.device)[0])
     filled = failed = 0
-    if lacking:
-        example = ", ".join(f"{it.modality} {it.key} ({it.view})" for it in lacking[:3])
+    if n_lacking:
+        example = ", ".join(f"{it.modality} {it.key} ({it.view})" for it in lacking[:3]) or "on other ranks"
         if cfg.cache_strict:
-            raise CacheError(f"{root}: {len(lacking)} of the {len(items)} media features this run needs are not in "
+            raise CacheError(f"{root}: {n_lacking} of the {len(items)} media features this run needs are not in "
                              f"the feature cache (or were made from other file contents), e.g. {example}; "
                              "complete it with python -m fastground.features, or drop --cache-strict")
         log.warning("feature cache %s lacks %d of %d media features (e.g. %s): decoding and encoding them from "
-                    "their media now, into the cache", root, len(lacking), len(items), example)
+                    "their media now, into the cache", root, n_lacking, len(items), example)
         model._feature_video_backend = cfg.video_backend
-        enc = [mod for _, mod in frozen_modules(model)]
-        for mod in enc:
-            mod.to(info.device)
-        counts = build(model, lacking, cache, info.rank, info.world_size, progress=cfg.progress,
-                       device=info.device)
-        filled, failed = counts["written"], counts["failed"]
+        move_frozen(model, info.device)
+        counts = build(model, lacking, cache, info.rank, 1, progress=cfg.progress, device=info.device)
+        filled, failed = (int(v) for v in _all_reduce_sum([counts["written"], counts["failed"]], info.device))
         _barrier()
-        log.info("feature cache: %d media encoded from their files by rank %d, %d unreadable (skipped in training)",
-                 filled, info.rank, failed)
+        log.info("feature cache: %d media decoded and encoded from their files, %d unreadable (skipped and counted "
+                 "in training)", filled, failed)
     model.media_features = True
     names = ", ".join(name for name, _ in frozen_modules(model))
     log.info("feature cache %s: %d entries, %d view(s) per video; the frozen encoders (%s) are not run",
@@ -332,7 +340,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, metavar="DIR", help="cache directory (created, or resumed)")
     p.add_argument("--views", type=int, default=1, metavar="K",
                    help="training crops stored per video; the trainer uses view epoch mod K (default: 1)")
-    p.add_argument("--batch", type=int, default=8, metavar="N", help="media per encoder call (default: 8)")
+    p.add_argument("--batch", type=int, default=8, metavar="N",
+                   help="media per encoder call (default: 8). Kernels may round a batch of N differently from "
+                        "a batch of 1 in the last bit; the features equal a run from media bit for bit where "
+                        "both encode the same number of media per call")
     p.add_argument("--shard-size", type=int, default=256, metavar="N", help="entries per shard file (default: 256)")
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True, help="progress bar")
     # The trainer's own definitions of these options (same names, help and checks).
