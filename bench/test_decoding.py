@@ -104,3 +104,62 @@ def test_decoding(benchmark, fg, demo_root, media, backend):
             # a DALI figure that is partly PyAV's must say so
             fg.records[-1]["dali_fell_back_to_pyav"] = fell_back
             benchmark.extra_info["dali_fell_back_to_pyav"] = fell_back
+
+
+# ---------------------------------------------------------------------------- real-sized clips
+# The training path on clips of real size, made at bench time (kept in pytest's cache):
+# "float" normalises on the CPU and ships float32 (the loader before the feature-cache work),
+# "uint8" ships the decoded frames for normalisation on the device (the trainer now).
+CLIPS = (("360p", 360, "h264"), ("360p", 360, "vp9"), ("720p", 720, "h264"), ("720p", 720, "vp9"))
+CLIP_SECONDS, CLIP_FPS = 20, 30
+
+
+def make_clip(path: Path, height: int, codec: str, seconds: int = CLIP_SECONDS, fps: int = CLIP_FPS) -> Path:
+    """A moving random-block pattern, 16:9, `seconds` long; written once, reused."""
+    import av
+    import numpy as np
+    if path.exists():
+        return path
+    width = height * 16 // 9
+    tmp = path.with_suffix(".part" + path.suffix)
+    c = av.open(str(tmp), "w")
+    s = c.add_stream({"h264": "libx264", "vp9": "libvpx-vp9"}[codec], rate=fps)
+    s.width, s.height, s.pix_fmt = width, height, "yuv420p"
+    s.options = {"preset": "veryfast"} if codec == "h264" else {"deadline": "realtime", "cpu-used": "8", "b": "2M"}
+    base = np.random.default_rng(0).integers(0, 255, (height // 8, width // 8, 3), dtype=np.uint8)
+    base = base.repeat(8, 0).repeat(8, 1)
+    for i in range(seconds * fps):
+        for p in s.encode(av.VideoFrame.from_ndarray(np.roll(base, i * 3, axis=1), format="rgb24")):
+            c.mux(p)
+    for p in s.encode():
+        c.mux(p)
+    c.close()
+    tmp.rename(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def clip_dir(request, tmp_path_factory) -> Path:
+    pytest.importorskip("av")
+    cache = getattr(request.config, "cache", None)
+    return Path(cache.mkdir("fastground-clips")) if cache is not None else tmp_path_factory.mktemp("clips")
+
+
+@pytest.mark.fg_cpu
+@pytest.mark.parametrize("variant", ("float", "uint8"))
+@pytest.mark.parametrize("clip", CLIPS, ids=[f"{r}-{c}" for r, _, c in CLIPS])
+def test_decoding_clip(benchmark, fg, clip_dir, clip, variant):
+    from fastground.data.video import load_video
+    res, height, codec = clip
+    path = make_clip(clip_dir / f"{res}.{'mp4' if codec == 'h264' else 'webm'}", height, codec)
+    cfg = _release_cfg()
+    info = harness.CaseInfo(bench="decode_clip", variant=variant, mode=f"{res} {codec}", batch=1,
+                            shape=f"{CLIP_SECONDS} s {res} {codec} at {CLIP_FPS} fps -> {cfg.num_frames} frames "
+                                  f"at {cfg.eva_image_size}px", dtype=variant, cost=None, items_per_call=1)
+
+    def load(seed):
+        # the training transform; the trainer's loader ships uint8 (normalize=False)
+        return load_video(str(path), cfg, True, seed, normalize=variant == "float")
+    harness.run_case(benchmark, fg, info, load, [(i,) for i in range(4)], warmup=1, rounds=3,
+                     extra={"file_mb": round(path.stat().st_size / 2**20, 1),
+                            "cpu_threads_available": len(__import__("os").sched_getaffinity(0))})
