@@ -68,7 +68,7 @@ def init_model(demo, tmp_path_factory):
 # ---------------------------------------------------------------------------- 1. equivalence
 def _reference_step(init, demo, stage, world, micro, accum, lr, weight_decay, max_grad_norm, seed):
     """One plain PyTorch AdamW step on the global batch the ranks of the ZeRO run saw."""
-    from fastground.train.data import batch_counts, build_train_data, collate
+    from fastground.train.data import build_train_data, collate
     model = GroundingGPT.from_pretrained(init)
     tok = load_tokenizer(init)
     trainable = trainable_set(model, stage, lora=False)
@@ -81,11 +81,12 @@ def _reference_step(init, demo, stage, world, micro, accum, lr, weight_decay, ma
         it = iter(td.batches)
         for _ in range(accum):
             micro_batches.append(collate([td.samples[i] for i in next(it)], td.pad_token_id, False, 4096))
-    total_tokens = sum(batch_counts(b)[0] for b in micro_batches)
-    for b in micro_batches:
+    # counted here from the labels, not with the trainer's own counting
+    answers = [int((b["labels"][:, 1:] != -100).sum()) for b in micro_batches]
+    for b, n in zip(micro_batches, answers):
         b.pop("_skipped"), b.pop("_samples")
         out = model(**b)
-        (out.loss * out.n_tokens / total_tokens).backward()
+        (out.loss * n / sum(answers)).backward()
     torch.nn.utils.clip_grad_norm_(list(trainable.values()), max_grad_norm)
     factor = CosineWithWarmup(1, warmup_steps(1, 0.03))(0)
     opt = torch.optim.AdamW(param_groups(trainable, weight_decay), lr=lr * factor, foreach=False)
