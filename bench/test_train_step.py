@@ -100,6 +100,9 @@ def test_train_step(benchmark, fg, variant, train_case):
     def body():
         trainable = set_stage(model, stage)
         model.train()
+        # the fast engine's answer-only fused loss (the trainer's --fused-loss); the reference
+        # computes lm_head on every position and fp32 cross-entropy
+        model.fused_loss = variant == "fast"
         try:
             with FeatureHooks(model), harness.Variant(fg, model, variant, loss_of) as f:
                 params = [p for p in model.parameters() if p.requires_grad]
@@ -113,11 +116,14 @@ def test_train_step(benchmark, fg, variant, train_case):
 
                 fig = harness.run_case(benchmark, fg, info, step, inputs, warmup=3, extra={
                     "stage": stage, "seq": seq, "trainable_params": sum(p.numel() for p in trainable.values()),
-                    "tokens_per_s": None})
+                    "tokens_per_s": None,
+                    # equal-length rows: computed / real tokens is 1 for every variant here
+                    "padding_waste": 1.0})
                 fig["tokens_per_s"] = batch * seq / (fig["time_ms"] / 1e3)
                 benchmark.extra_info.update(fig)
                 del opt
         finally:
+            model.fused_loss = False
             set_stage(model, 2)
             model.zero_grad(set_to_none=True)
 

@@ -24,7 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .runtime import INTERPRET, cdiv, device_sms, launch, pow2, triton_usable
+from .runtime import cdiv, device_sms, launch, pow2, triton_usable
 
 __all__ = ["rms_norm", "rope", "swiglu", "triton_usable"]
 
@@ -70,16 +70,19 @@ def _rms_bwd_kernel(dy_ptr, x_ptr, w_ptr, rstd_ptr, dx_ptr, dw_ptr, M, N, tiles_
     tl.store(dw_ptr + pid.to(tl.int64) * N + cols, dw, mask=cmask)
 
 
-# Elements per program. On a GPU ~4K keeps a tile in registers; the CPU interpreter pays a
-# fixed cost per program instance, so it gets few, large ones.
-_TILE = 1 << 16 if INTERPRET else 4096
+def _tile(device: torch.device) -> int:
+    """Elements per program. On a GPU (and for AOT plans on meta tensors) ~4K keeps a tile
+    in registers; the CPU interpreter pays a fixed cost per program instance, so it gets
+    few, large ones."""
+    return 1 << 16 if device.type == "cpu" else 4096
 
 
-def _row_tile(n: int) -> tuple[int, int]:
+def _row_tile(n: int, device: torch.device) -> tuple[int, int]:
     """(rows per tile, BLOCK_N): whole rows in registers, so narrow rows share a program
     (one row per program at Vicuna's 4096 on a GPU)."""
     block = pow2(n)
-    return max(1, min(_TILE // 64, _TILE // block)), block
+    tile = _tile(device)
+    return max(1, min(tile // 64, tile // block)), block
 
 
 def _rows(x: torch.Tensor) -> torch.Tensor:
@@ -98,7 +101,7 @@ class _RMSNorm(torch.autograd.Function):
         m, n = x2.shape
         y = torch.empty((m, n), dtype=torch.promote_types(x.dtype, w.dtype), device=x.device)
         rstd = torch.empty(m, dtype=torch.float32, device=x.device)
-        rows, block = _row_tile(n)
+        rows, block = _row_tile(n, x.device)
         launch(_rms_fwd_kernel, (cdiv(m, rows),), (x2, w, y, rstd, m, n, x2.stride(0), y.stride(0), float(eps)),
                dict(ROWS=rows, BLOCK_N=block), num_warps=_rms_warps(block), num_stages=1)
         ctx.save_for_backward(x2, w, rstd)
@@ -111,7 +114,7 @@ class _RMSNorm(torch.autograd.Function):
         m, n = x2.shape
         dy2 = _rows(dy)
         dx = torch.empty_like(x2)
-        rows, block = _row_tile(n)
+        rows, block = _row_tile(n, x2.device)
         # enough programs to fill a device, each summing the weight gradient of its tiles
         tiles = cdiv(m, rows)
         progs = max(1, min(tiles, 4 * device_sms(x2.device)))
@@ -176,7 +179,8 @@ def _rope_launch(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, backward
         else torch.empty_like(x, memory_format=torch.contiguous_format)
     half = dim // 2
     block_d = pow2(half)
-    block_p = max(1, min(_TILE // 64, _TILE // (2 * block_d)))
+    tile = _tile(x.device)
+    block_p = max(1, min(tile // 64, tile // (2 * block_d)))
     positions = bsz * length
     launch(_rope_kernel, (cdiv(positions, block_p),),
            (x, cos, sin, y, heads, length, positions, half, x.stride(0), x.stride(1), x.stride(2),
@@ -232,7 +236,8 @@ def _swiglu_bwd_kernel(g_ptr, u_ptr, do_ptr, dg_ptr, du_ptr, n, BLOCK: tl.conste
     tl.store(du_ptr + offs, (do * silu).to(du_ptr.dtype.element_ty), mask=mask)
 
 
-_SWIGLU_BLOCK = 16 * _TILE if INTERPRET else 1024
+def _swiglu_block(device: torch.device) -> int:
+    return 16 * _tile(device) if device.type == "cpu" else 1024
 
 
 class _SwiGLU(torch.autograd.Function):
@@ -241,7 +246,8 @@ class _SwiGLU(torch.autograd.Function):
         gate, up = gate.contiguous(), up.contiguous()
         out = torch.empty_like(gate)
         n = gate.numel()
-        launch(_swiglu_fwd_kernel, (cdiv(n, _SWIGLU_BLOCK),), (gate, up, out, n), dict(BLOCK=_SWIGLU_BLOCK),
+        block = _swiglu_block(gate.device)
+        launch(_swiglu_fwd_kernel, (cdiv(n, block),), (gate, up, out, n), dict(BLOCK=block),
                num_warps=4, num_stages=1)
         ctx.save_for_backward(gate, up)
         return out
@@ -252,8 +258,9 @@ class _SwiGLU(torch.autograd.Function):
         dout = dout.contiguous()
         dg, du = torch.empty_like(gate), torch.empty_like(up)
         n = gate.numel()
-        launch(_swiglu_bwd_kernel, (cdiv(n, _SWIGLU_BLOCK),), (gate, up, dout, dg, du, n),
-               dict(BLOCK=_SWIGLU_BLOCK), num_warps=4, num_stages=1)
+        block = _swiglu_block(gate.device)
+        launch(_swiglu_bwd_kernel, (cdiv(n, block),), (gate, up, dout, dg, du, n),
+               dict(BLOCK=block), num_warps=4, num_stages=1)
         return dg, du
 
 
