@@ -10,6 +10,7 @@ import torch
 
 import fastground
 from fastground import GroundingGPT, GroundingGPTConfig
+from fastground.kernels.runtime import trace_launches
 from fastground.model.checkpoint import release_state_dict
 from fastground.testing import with_token_ids
 from tolerances import REL_TOL, REL_TOL_GRAD, rel_err
@@ -141,7 +142,9 @@ def test_fast_branch_matches_release(checkpoint, branch, dtype):
     model = load_model(checkpoint, dtype)
     fastground.patch(model)
     assert type(model.model.video_Qformer.bert).__name__ == "FastQFormerBert"
-    out, grads = run(model, branch, dtype)
+    with trace_launches() as launches:
+        out, grads = run(model, branch, dtype)
+    assert len(launches) > 10, "the fast path did not run its Triton kernels"
     torch_out = torch_grads = None
     if dtype != torch.float32:
         torch_out, torch_grads = run(load_model(checkpoint, dtype), branch, dtype)
