@@ -349,3 +349,40 @@ def test_mp4_probed_from_its_header_and_a_cut_file_still_fails(tmp_path, monkeyp
     cut.write_bytes(data[: len(data) * 2 // 3])
     with pytest.raises(MediaError, match="truncated|corrupt"):
         load_video(str(cut), cfg)
+
+
+# ---------------------------------------------------------------------------- two ranks
+
+
+@pytest.mark.slow
+def test_two_ranks_share_the_build_and_write_every_entry_once(demo, tmp_path):
+    """python -m fastground.features under the trainer's launcher: each rank encodes every
+    second media into its own shards; together they write each entry exactly once, the
+    features a single process writes."""
+    import socket
+    import subprocess
+    import sys
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, PYTHONPATH=repo + os.pathsep + os.environ.get("PYTHONPATH", ""), DS_ACCELERATOR="cpu",
+               OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(k, None)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    two = str(tmp_path / "two")
+    args = _data_args(demo, 1) + ["--stage", "1", "--out", two, "--precision", "fp32", "--no-fast-path",
+                                  "--no-progress", "--output", str(tmp_path / "run")]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+           "--master_port", str(port), "-m", "fastground.features", *args]
+    res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=str(tmp_path))
+    assert res.returncode == 0, res.stderr[-3000:]
+    shards = sorted(os.listdir(os.path.join(two, "shards")))
+    assert any(n.startswith("r0-") for n in shards) and any(n.startswith("r1-") for n in shards)
+    one = str(tmp_path / "one")
+    _features(args[:args.index("--out")] + ["--stage", "1", "--out", one, "--precision", "fp32"], tmp_path)
+    a, b = FeatureCache.open(two), FeatureCache.open(one)
+    assert a.entries() == b.entries() and len(a) == len(set(a.entries()))
+    for m, p, v in b.entries():
+        # the ranks batch other media together: equal up to the kernels' batch-size rounding
+        assert rel_err(a.get(m, p, v), b.get(m, p, v)) <= REL_TOL[torch.float32]
