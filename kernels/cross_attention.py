@@ -57,7 +57,7 @@ import functools
 from typing import NamedTuple
 
 from .partials import dense_like, sum_partials
-from .runtime import cdiv, device_sms, dot_precision, draw_seed, launch, philox_key, pow2
+from .runtime import cdiv, device_sms, dot_precision, dropout_seed, kernel_seed, launch, philox_key, pow2  # noqa: F401
 
 LOG2E = 1.4426950408889634
 MASKED = -1.0e30  # finite: exp2(MASKED - m) == 0, and MASKED - MASKED == 0 never makes NaN
@@ -77,11 +77,13 @@ def _keep_bits(seed, bh, offs_m, offs_n, Lk, p_drop):
 
 
 @triton.jit(do_not_specialize=["seed"])
-def _dropout_mask_kernel(keep_ptr, seed, H, Lq, Lk, p_drop,
+def _dropout_mask_kernel(keep_ptr, seed, H, Lq, Lk, p_drop, SEED_PTR: tl.constexpr,
                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     bh = tl.program_id(2)
+    if SEED_PTR:  # the key lives on the device (runtime.dropout_seed under graph capture)
+        seed = tl.load(seed)
     keep = _keep_bits(seed, bh, offs_m, offs_n, Lk, p_drop)
     ptrs = keep_ptr + (bh.to(tl.int64) * Lq + offs_m[:, None]) * Lk + offs_n[None, :]
     tl.store(ptrs, keep.to(tl.int8), mask=(offs_m[:, None] < Lq) & (offs_n[None, :] < Lk))
@@ -92,11 +94,13 @@ def _attn_fwd_kernel(q_ptr, k_ptr, v_ptr, mask_ptr, fill_ptr, o_ptr, lse_ptr,
                      sqb, sqh, sqm, skb, skh, skn, svb, svh, svn, sob, soh, som,
                      s_split_o, s_split_l, stride_mask,
                      H, Lq, Lk, D, keys_per_split, qk_scale, seed, p_drop, keep_scale,
-                     HAS_MASK: tl.constexpr, DROPOUT: tl.constexpr, PRECISION: tl.constexpr,
+                     HAS_MASK: tl.constexpr, DROPOUT: tl.constexpr, SEED_PTR: tl.constexpr, PRECISION: tl.constexpr,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
     split = tl.program_id(2)
+    if SEED_PTR:
+        seed = tl.load(seed)
     b = bh // H
     h = bh % H
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -211,11 +215,13 @@ def _attn_bwd_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, o_ptr, mas
                      sqb, sqh, sqm, skb, skh, skn, svb, svh, svn, sdob, sdoh, sdom, sob, soh, som,
                      sdq_split, sdqb, sdqh, sdqm, sdkb, sdkh, sdkn, sdvb, sdvh, sdvn, stride_mask,
                      H, Lq, Lk, D, blocks_per_chunk, qk_scale, sm_scale, seed, p_drop, keep_scale,
-                     HAS_MASK: tl.constexpr, DROPOUT: tl.constexpr, SINGLE_Q: tl.constexpr,
+                     HAS_MASK: tl.constexpr, DROPOUT: tl.constexpr, SEED_PTR: tl.constexpr, SINGLE_Q: tl.constexpr,
                      DQ_DIRECT: tl.constexpr, PRECISION: tl.constexpr,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     chunk = tl.program_id(0)
     bh = tl.program_id(1)
+    if SEED_PTR:
+        seed = tl.load(seed)
     b = bh // H
     h = bh % H
     b64 = b.to(tl.int64)
@@ -401,6 +407,9 @@ def _mask_args(key_mask, B, Lk, device):
 
 # --------------------------------------------------------------------------- launchers
 def _attn_forward(q, k, v, mask8, fill, scale, p_drop, seed, cfg=None):
+    # seed: the Philox key, an int or (graph capture) a device tensor read by the kernel
+    seed_ptr = isinstance(seed, torch.Tensor)
+    seed_arg = seed if seed_ptr else int(seed)
     B, H, Lq, D = q.shape
     Lk = k.shape[2]
     precision = dot_precision(q.dtype)
@@ -424,9 +433,9 @@ def _attn_forward(q, k, v, mask8, fill, scale, p_drop, seed, cfg=None):
             *_strides4(q), *_strides4(k), *_strides4(v), *_strides4(o_t[0] if splits > 1 else o_t),
             o_t.stride(0) if splits > 1 else 0, l_t.stride(0) if splits > 1 else 0,
             mask8.stride(0) if has_mask else 0,
-            H, Lq, Lk, D, kps, float(scale * LOG2E), int(seed), float(p_drop),
+            H, Lq, Lk, D, kps, float(scale * LOG2E), seed_arg, float(p_drop),
             float(1.0 / (1.0 - p_drop)) if dropout else 1.0),
-           dict(HAS_MASK=has_mask, DROPOUT=dropout, PRECISION=precision, **cfg), nw, ns)
+           dict(HAS_MASK=has_mask, DROPOUT=dropout, SEED_PTR=seed_ptr, PRECISION=precision, **cfg), nw, ns)
     if splits > 1:
         launch(_attn_combine_kernel, (cdiv(Lq, cfg["BLOCK_M"]), B * H),
                (o_t, l_t, out, lse, splits, o_t.stride(0), l_t.stride(0), *_strides4(o_t[0]),
@@ -436,6 +445,9 @@ def _attn_forward(q, k, v, mask8, fill, scale, p_drop, seed, cfg=None):
 
 
 def _attn_backward(do, q, k, v, out, lse, mask8, fill, scale, p_drop, seed, cfg=None):
+    # seed: the Philox key, an int or (graph capture) a device tensor read by the kernel
+    seed_ptr = isinstance(seed, torch.Tensor)
+    seed_arg = seed if seed_ptr else int(seed)
     B, H, Lq, D = q.shape
     Lk = k.shape[2]
     precision = dot_precision(q.dtype)
@@ -468,9 +480,9 @@ def _attn_backward(do, q, k, v, out, lse, mask8, fill, scale, p_drop, seed, cfg=
             *_strides4(q), *_strides4(k), *_strides4(v), *_strides4(do), *_strides4(out),
             0 if dq_direct else dq_t.stride(0), *_strides4(dq_t if dq_direct else dq_t[0]),
             *_strides4(dk), *_strides4(dv), mask8.stride(0) if has_mask else 0,
-            H, Lq, Lk, D, bpc, float(scale * LOG2E), float(scale), int(seed), float(p_drop),
+            H, Lq, Lk, D, bpc, float(scale * LOG2E), float(scale), seed_arg, float(p_drop),
             float(1.0 / (1.0 - p_drop)) if dropout else 1.0),
-           dict(HAS_MASK=has_mask, DROPOUT=dropout, SINGLE_Q=single_q, DQ_DIRECT=dq_direct,
+           dict(HAS_MASK=has_mask, DROPOUT=dropout, SEED_PTR=seed_ptr, SINGLE_Q=single_q, DQ_DIRECT=dq_direct,
                 PRECISION=precision, **cfg), nw, ns)
     if not dq_direct:
         sum_partials(dq_t, dq, scale)
@@ -522,11 +534,11 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask: torch
     if not 0.0 <= p < 1.0:
         raise ValueError(f"attention: dropout_p must be in [0, 1), got {dropout_p}")
     if p > 0.0 and seed is None:
-        seed = draw_seed()
+        seed = dropout_seed(q.device)
     scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
     mask8, fill = _mask_args(key_mask, B, Lk, q.device)
     return CrossAttention.apply(_unit_last(q), _unit_last(k), _unit_last(v), mask8, fill, scale, p,
-                                philox_key(seed or 0))
+                                kernel_seed(0 if seed is None else seed)[0])
 
 
 def attention_dropout_mask(seed: int, B: int, H: int, Lq: int, Lk: int, p: float,
@@ -534,7 +546,8 @@ def attention_dropout_mask(seed: int, B: int, H: int, Lq: int, Lk: int, p: float
     """The keep mask (B, H, Lq, Lk), bool, that `attention(..., dropout_p=p, seed=seed,
     training=True)` applies: reference = softmax(...) * mask / (1 - p) @ v."""
     keep = torch.empty((B, H, Lq, Lk), dtype=torch.int8, device=device)
+    key, seed_ptr = kernel_seed(seed)
     bm, bn = _p2(Lq, 16, 32), _p2(Lk, 16, 64)
     launch(_dropout_mask_kernel, (cdiv(Lq, bm), cdiv(Lk, bn), B * H),
-           (keep, philox_key(seed), H, Lq, Lk, float(p)), dict(BLOCK_M=bm, BLOCK_N=bn), 4, 1)
+           (keep, key, H, Lq, Lk, float(p)), dict(SEED_PTR=seed_ptr, BLOCK_M=bm, BLOCK_N=bn), 4, 1)
     return keep.view(torch.bool)

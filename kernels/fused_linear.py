@@ -71,7 +71,7 @@ import triton
 import triton.language as tl
 
 from .partials import sum_partial_groups, sum_partials
-from .runtime import INTERPRET, cdiv, device_sms, dot_precision, draw_seed, launch, pow2, triton_usable
+from .runtime import INTERPRET, cdiv, device_sms, dot_precision, dropout_seed, launch, pow2, triton_usable  # noqa: F401
 
 __all__ = ["linear", "linear_gelu", "linear_dropout_residual_layernorm", "dropout_mask",
            "gemm_config", "row_config", "triton_usable"]
@@ -185,8 +185,10 @@ def _bias_grad_kernel(
 
 
 @triton.jit
-def _dropout_mask_kernel(out_ptr, seed, total, p, BLOCK: tl.constexpr):
+def _dropout_mask_kernel(out_ptr, seed, total, p, SEED_PTR: tl.constexpr, BLOCK: tl.constexpr):
     # Row-major linear index == row * N + col, the counter the fused kernels use.
+    if SEED_PTR:
+        seed = tl.load(seed)
     pid = tl.program_id(0)
     offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     keep = tl.rand(seed, offs) >= p
@@ -197,9 +199,11 @@ def _dropout_mask_kernel(out_ptr, seed, total, p, BLOCK: tl.constexpr):
 def _dropout_res_ln_fwd_kernel(
     pre_ptr, res_ptr, w_ptr, b_ptr, out_ptr, z_ptr, mean_ptr, rstd_ptr,
     seed, M, N, p, scale, eps,
-    HAS_DROPOUT: tl.constexpr, ROWS: tl.constexpr, BLOCK_N: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr, SEED_PTR: tl.constexpr, ROWS: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     pid = tl.program_id(0)
+    if SEED_PTR:  # the seed lives on the device (runtime.dropout_seed under graph capture)
+        seed = tl.load(seed)
     rows = pid * ROWS + tl.arange(0, ROWS)
     cols = tl.arange(0, BLOCK_N)
     r_mask = rows < M
@@ -234,7 +238,7 @@ def _dropout_res_ln_fwd_kernel(
 def _dropout_res_ln_bwd_kernel(
     dout_ptr, z_ptr, mean_ptr, rstd_ptr, w_ptr, dres_ptr, dpre_ptr, part_ptr,
     seed, M, N, p, scale, rows_per_prog, num_progs,
-    HAS_DROPOUT: tl.constexpr, ROWS: tl.constexpr, BLOCK_N: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr, SEED_PTR: tl.constexpr, ROWS: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """LayerNorm backward + dropout-mask regeneration over a contiguous chunk of rows.
 
@@ -242,6 +246,8 @@ def _dropout_res_ln_bwd_kernel(
     dout * xhat (ln weight), dout (ln bias) and d(pre) (linear bias) to
     part[0|1|2, pid, :] for a deterministic final reduction."""
     pid = tl.program_id(0)
+    if SEED_PTR:
+        seed = tl.load(seed)
     cols = tl.arange(0, BLOCK_N)
     c_mask = cols < N
     w = tl.load(w_ptr + cols, mask=c_mask, other=0.0).to(tl.float32)
@@ -353,7 +359,9 @@ def _gemm(a: torch.Tensor, b: torch.Tensor, *, out_dtype: torch.dtype, bias: tor
             c = torch.nn.functional.gelu(c.float()).to(out_dtype)
         return (c, pre) if pre_dtype is not None else c
     precision = dot_precision(a.dtype)
-    cfg = dict(gemm_config(M, N, K, a.dtype, precision == "tf32", gelu))
+    # The 128x256 tile has no registers left for an epilogue beyond the bias: the GELU or
+    # the row sums of the weight-gradient GEMM spill there on sm_80, so those take 128x128.
+    cfg = dict(gemm_config(M, N, K, a.dtype, precision == "tf32", gelu or row_sum is not None))
     grid = (cdiv(M, cfg["BLOCK_M"]) * cdiv(N, cfg["BLOCK_N"]),)
     warps, stages = cfg.pop("num_warps"), cfg.pop("num_stages")
     launch(_gemm_kernel, grid,
@@ -475,12 +483,13 @@ class _LinearDropoutResLNFn(torch.autograd.Function):
         cfg = row_config(N)
         if M > 0:
             launch(_dropout_res_ln_fwd_kernel, (cdiv(M, cfg["ROWS"]),),
-                   (pre, res2, ln_w, ln_b, out, z, mean, rstd, int(seed), M, N, float(p), scale, float(eps)),
-                   dict(HAS_DROPOUT=dropout, ROWS=cfg["ROWS"], BLOCK_N=cfg["BLOCK_N"]),
+                   (pre, res2, ln_w, ln_b, out, z, mean, rstd, seed, M, N, float(p), scale, float(eps)),
+                   dict(HAS_DROPOUT=dropout, SEED_PTR=isinstance(seed, torch.Tensor), ROWS=cfg["ROWS"],
+                        BLOCK_N=cfg["BLOCK_N"]),
                    num_warps=cfg["num_warps"], num_stages=1)
         ctx.save_for_backward(x2, w, z, mean, rstd, ln_w)
         ctx.meta = (x.shape, residual.shape, b is not None, b.dtype if b is not None else None,
-                    ln_b.dtype, dropout, float(p), scale, int(seed))
+                    ln_b.dtype, dropout, float(p), scale, seed)
         return out.view(residual.shape)
 
     @staticmethod
@@ -498,7 +507,8 @@ class _LinearDropoutResLNFn(torch.autograd.Function):
         if M > 0:
             launch(_dropout_res_ln_bwd_kernel, (progs,),
                    (dout2, z, mean, rstd, ln_w, dres, dpre, part, seed, M, N, p, scale, rows_per_prog, progs),
-                   dict(HAS_DROPOUT=dropout, ROWS=cfg["ROWS"], BLOCK_N=cfg["BLOCK_N"]),
+                   dict(HAS_DROPOUT=dropout, SEED_PTR=isinstance(seed, torch.Tensor), ROWS=cfg["ROWS"],
+                        BLOCK_N=cfg["BLOCK_N"]),
                    num_warps=cfg["num_warps"], num_stages=1)
         needs = ctx.needs_input_grad
 
@@ -550,13 +560,15 @@ def linear_dropout_residual_layernorm(x: torch.Tensor, w: torch.Tensor, b: torch
     (0 <= seed < 2**31) defaults to one drawn from torch's generator."""
     _check(x, w, b, residual, ln_weight, ln_bias)
     if seed is None:
-        seed = draw_seed() if (training and dropout_p > 0.0) else 0
-    if not 0 <= int(seed) < 2 ** 31:
-        raise ValueError("seed must be in [0, 2**31)")
+        seed = dropout_seed(x.device) if (training and dropout_p > 0.0) else 0
+    if not isinstance(seed, torch.Tensor):
+        if not 0 <= int(seed) < 2 ** 31:
+            raise ValueError("seed must be in [0, 2**31)")
+        seed = int(seed)
     if not 0.0 <= dropout_p <= 1.0:
         raise ValueError("dropout_p must be in [0, 1]")
     return _LinearDropoutResLNFn.apply(x, w, b, residual, ln_weight, ln_bias, float(eps), float(dropout_p),
-                                       int(seed), bool(training))
+                                       seed, bool(training))
 
 
 def dropout_mask(seed: int, M: int, N: int, p: float, device: torch.device | str | None = None) -> torch.Tensor:
@@ -566,6 +578,7 @@ def dropout_mask(seed: int, M: int, N: int, p: float, device: torch.device | str
     if M * N == 0:
         return out.bool()
     block = 1024
-    launch(_dropout_mask_kernel, (cdiv(M * N, block),), (out, int(seed), M * N, float(p)),
-           dict(BLOCK=block), num_warps=4, num_stages=1)
+    ptr = isinstance(seed, torch.Tensor)
+    launch(_dropout_mask_kernel, (cdiv(M * N, block),), (out, seed if ptr else int(seed), M * N, float(p)),
+           dict(SEED_PTR=ptr, BLOCK=block), num_warps=4, num_stages=1)
     return out.bool()

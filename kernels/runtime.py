@@ -31,6 +31,7 @@ from triton import knobs
 from . import interpreter_fixes
 
 __all__ = ["INTERPRET", "triton_usable", "allow_tf32", "dot_precision", "draw_seed", "philox_key",
+           "dropout_seed", "device_seeds", "prepare_device_seeds", "kernel_seed",
            "launch", "record_launches", "trace_launches", "LaunchRecord", "device_sms", "cdiv", "pow2"]
 
 # The same switch triton.jit reads when a kernel decorator runs: it fixes whether the kernel
@@ -73,6 +74,64 @@ def philox_key(seed: int) -> int:
     """The Philox key a kernel gets for a user seed: always in [2^62, 2^63), so the argument
     is always an i64 and, with do_not_specialize, one compiled kernel serves every seed."""
     return int(seed) % (1 << 62) + (1 << 62)
+
+
+# Device-side seeds. A seed drawn on the host is baked into a captured CUDA graph: every
+# replay would drop the same elements. While a CUDA graph is being captured (or inside
+# `device_seeds()`, which the CPU tests use), a dropout call gets its Philox key as a
+# one-element int64 device tensor instead: base + counter, where the counter is advanced on
+# the device by every call, so each replay of a graph draws fresh masks. The kernels read it
+# through a pointer (SEED_PTR); the backward reuses the forward's tensor.
+_device_seed_scopes = 0
+_SEED_STATE: dict = {}
+
+
+@contextlib.contextmanager
+def device_seeds():
+    """Dropout keys from the device counter, as under CUDA-graph capture."""
+    global _device_seed_scopes
+    _device_seed_scopes += 1
+    try:
+        yield
+    finally:
+        _device_seed_scopes -= 1
+
+
+def _capturing(device: torch.device) -> bool:
+    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+
+
+def prepare_device_seeds(device: torch.device | str) -> None:
+    """Create the device's (base key, counter) outside capture (a host-to-device copy cannot
+    be captured); the base comes from torch's generator like every host seed."""
+    device = torch.device(device)
+    if device not in _SEED_STATE:
+        base = torch.tensor([philox_key(draw_seed())], dtype=torch.int64, device=device)
+        _SEED_STATE[device] = (base, torch.zeros(1, dtype=torch.int64, device=device))
+
+
+def dropout_seed(device: torch.device | str) -> int | torch.Tensor:
+    """The seed of one dropout call: a host int (give it to philox_key), or under capture /
+    device_seeds() a device tensor holding the Philox key itself."""
+    device = torch.device(device)
+    if not (_device_seed_scopes or _capturing(device)):
+        return draw_seed()
+    if device not in _SEED_STATE:
+        if _capturing(device):
+            raise RuntimeError("dropout inside CUDA-graph capture needs runtime.prepare_device_seeds(device) "
+                               "before capture (fastground.fast.graphed does this)")
+        prepare_device_seeds(device)
+    base, counter = _SEED_STATE[device]
+    counter.add_(1)
+    return base + counter
+
+
+def kernel_seed(seed: int | torch.Tensor) -> tuple[int | torch.Tensor, bool]:
+    """(kernel argument, SEED_PTR): a device key tensor goes in as a pointer, a host seed as
+    its Philox key."""
+    if isinstance(seed, torch.Tensor):
+        return seed, True
+    return philox_key(seed), False
 
 
 # --------------------------------------------------------------------------- host integers

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from fastground.config import GroundingGPTConfig
-from fastground.kernels import aot
+from fastground.kernels import aot, runtime
 from fastground.kernels.cross_attention import attention, attention_dropout_mask
 from fastground.kernels.kv_proj_pe import kv_proj_pe
 from aot_checks import assert_fits_chip, assert_no_spills, unique_launches
@@ -27,7 +27,7 @@ def _meta(*shape, dtype, grad=True):
 
 
 def _cross_attention_layer(B, Lq, Lenc, enc_width, rows_per_pos, num_pos, max_pos, heads, dtype,
-                           train, masked=False):
+                           train, masked=False, seed=1):
     """One Q-Former cross-attention as the fast path runs it (K/V with PE, attention),
     forward and, when training, backward; plus the self-attention over the queries."""
     hidden = heads * 64
@@ -39,7 +39,7 @@ def _cross_attention_layer(B, Lq, Lenc, enc_width, rows_per_pos, num_pos, max_po
     q = _meta(B, Lq, hidden, dtype=dtype, grad=train)
     split = lambda t: t.view(B, t.shape[1], heads, 64).transpose(1, 2)
     mask = torch.ones(B, Lenc, dtype=torch.long, device="meta") if masked else None
-    out = attention(split(q), split(k), split(v), mask, dropout_p=0.1, training=train, seed=1)
+    out = attention(split(q), split(k), split(v), mask, dropout_p=0.1, training=train, seed=seed)
     qs = _meta(B, Lq, 3 * hidden, dtype=dtype, grad=train)
     out_self = attention(*[split(t) for t in qs.split(hidden, dim=-1)], dropout_p=0.1, training=train, seed=2)
     if train:
@@ -87,6 +87,9 @@ def _release_launches() -> list[aot.Launch]:
                 # the frozen frame Q-Former over every frame of a batch, and of one video
                 for frames in (BATCH * cfg.num_frames, cfg.num_frames):
                     _frame_qformer(cfg, frames, dtype)
+                # dropout keys read from the device, as under CUDA-graph capture (SEED_PTR)
+                with runtime.device_seeds():
+                    _cross_attention_layer(BATCH, heads=heads, dtype=dtype, train=True, seed=None, **video)
                 # more queries than one block (video_token_len > 64): the separate delta launch
                 _cross_attention_layer(BATCH, heads=heads, dtype=dtype, train=True, **dict(video, Lq=96))
             # fp32 with torch's TF32 switch on: the kernels follow it (PRECISION="tf32")

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from fastground.kernels import adapters as ad
-from fastground.kernels import aot
+from fastground.kernels import aot, runtime
 from fastground.kernels import fused_linear as fl
 from aot_checks import assert_fits_chip, assert_no_spills, unique_launches
 
@@ -47,6 +47,10 @@ def _workloads(dt):
             run(lambda *a: fl.linear_dropout_residual_layernorm(*a, 1e-12, 0.1, 1234, training),
                 p(B * 64, k), p(768, k), p(768), p(B * 64, 768), p(768), p(768))
     fl.dropout_mask(1234, B * 64, 768, 0.1, "meta")
+    if dt == torch.bfloat16:  # dropout keys read from the device, as under CUDA-graph capture
+        with runtime.device_seeds():
+            run(lambda *a: fl.linear_dropout_residual_layernorm(*a, 1e-12, 0.1, None, True),
+                p(B * 64, 768), p(768, 768), p(768), p(B * 64, 768), p(768), p(768))
 
 
 def _release_launches() -> list[aot.Launch]:

@@ -69,6 +69,10 @@ _FUSED: "weakref.WeakKeyDictionary[torch.nn.Module, dict]" = weakref.WeakKeyDict
 
 def fused_weight(owner: torch.nn.Module, name: str, params, dt: torch.dtype) -> torch.Tensor:
     params = list(params)
+    if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
+        # inside a CUDA graph the concatenation must be part of the graph, so that a replay
+        # after an optimizer step concatenates the updated weights
+        return torch.cat([p.to(dt) for p in params]) if len(params) > 1 else params[0].to(dt)
     mode = (torch.is_grad_enabled(), torch.is_inference_mode_enabled(), dt)
     sig = tuple((p._version, p.data_ptr(), p.requires_grad, p.dtype) for p in params)
     cache = _FUSED.setdefault(owner, {})
@@ -119,9 +123,8 @@ def fast_bert_forward(bert, query_embeds, encoder_hidden_states, encoder_attenti
             encoder_pe, rows_per_pos, num_pos = states.new_zeros(1, states.shape[-1]), 1, 1
         k, v = kv_proj_pe(states.to(dt), encoder_pe.to(dt), rows_per_pos, num_pos, wk, bk, wv, bv,
                           None if enc_mask is None else enc_mask.keys)
-        width = h.shape[-1]
-        kv = iter([(k[..., i * width:(i + 1) * width], v[..., i * width:(i + 1) * width])
-                   for i in range(len(layers))])
+        n = len(layers)
+        kv = iter(zip(_SplitLast.apply(k, n), _SplitLast.apply(v, n)) if n > 1 else [(k, v)])
     for i, layer in enumerate(bert.encoder.layer):
         sa = layer.attention.self
         heads = num_heads(sa)
@@ -142,6 +145,23 @@ def fast_bert_forward(bert, query_embeds, encoder_hidden_states, encoder_attenti
         inter = _flat_linear(linear_gelu, h, dense.weight.to(dt), dense.bias.to(dt))
         h = _output_block(layer.output_query, inter, h, training, dt)
     return h
+
+
+class _SplitLast(torch.autograd.Function):
+    """The K (or V) of each cross-attention layer as views of the one projection output.
+    Backward concatenates the layers' gradients in one pass, where slicing would zero a full
+    gradient per layer, copy into it and add them up."""
+
+    @staticmethod
+    def forward(ctx, t, n):
+        ctx.n = n
+        return tuple(t.chunk(n, dim=-1))
+
+    @staticmethod
+    def backward(ctx, *grads):
+        ref = next(g for g in grads if g is not None)
+        grads = [g if g is not None else torch.zeros_like(ref) for g in grads]
+        return torch.cat(grads, dim=-1), None
 
 
 def _add_pe(states, encoder_pe, rows_per_pos, num_pos):
