@@ -194,8 +194,8 @@ class _Decode(torch.utils.data.Dataset):
 
 
 def build(model, items: Sequence[Item], cache: FeatureCache, rank: int = 0, world: int = 1, batch: int = 8,
-          shard_size: int = 256, num_workers: int = 0, progress: bool = True,
-          stop_after_shards: int | None = None, device: torch.device | None = None) -> dict:
+          shard_size: int = 256, num_workers: int = 0, progress: bool = True, video_backend: str = "pyav",
+          device: torch.device | None = None) -> dict:
     """Encode this rank's share of `items` that the cache lacks and store them. Returns counts:
     written, skipped (already stored), failed (with the first reasons)."""
     from tqdm.auto import tqdm
@@ -207,7 +207,7 @@ def build(model, items: Sequence[Item], cache: FeatureCache, rank: int = 0, worl
     if not todo:
         return counts
     device = device if device is not None else next(model.model.ln_vision.parameters()).device
-    loader = torch.utils.data.DataLoader(_Decode(todo, model.config, _backend(model)), batch_size=None,
+    loader = torch.utils.data.DataLoader(_Decode(todo, model.config, video_backend), batch_size=None,
                                          num_workers=num_workers, shuffle=False)
     bar = tqdm(total=len(todo), unit="media", dynamic_ncols=True, disable=not progress or rank != 0,
                desc=f"features (rank {rank}/{world})")
@@ -224,15 +224,12 @@ def build(model, items: Sequence[Item], cache: FeatureCache, rank: int = 0, worl
             for (it, content, _), f in zip(chunk, feats):
                 done.append((it.modality, it.key, it.view, content, f.clone()))
 
-    def flush(force: bool = False) -> bool:
+    def flush(force: bool = False) -> None:
         while len(done) >= shard_size or (force and done):
             cache.write_shard(rank, done[:shard_size])
             counts["written"] += len(done[:shard_size])
             counts["shards"] += 1
             del done[:shard_size]
-            if stop_after_shards is not None and counts["shards"] >= stop_after_shards:
-                return True
-        return False
 
     try:
         for i, content, x, err in loader:
@@ -246,8 +243,7 @@ def build(model, items: Sequence[Item], cache: FeatureCache, rank: int = 0, worl
                 continue
             pending[it.modality].append((it, content, x))
             run(it.modality)
-            if flush():
-                return counts
+            flush()
         for m in MODALITIES:
             run(m, force=True)
         flush(force=True)
@@ -308,9 +304,9 @@ def attach(cfg, model, data: str, prev_data: str | None, folders: dict, info) ->
                              "complete it with python -m fastground.features, or drop --cache-strict")
         log.warning("feature cache %s lacks %d of %d media features (e.g. %s): decoding and encoding them from "
                     "their media now, into the cache", root, n_lacking, len(items), example)
-        model._feature_video_backend = cfg.video_backend
         move_frozen(model, info.device)
-        counts = build(model, lacking, cache, info.rank, 1, progress=cfg.progress, device=info.device)
+        counts = build(model, lacking, cache, info.rank, 1, progress=cfg.progress, video_backend=cfg.video_backend,
+                       device=info.device)
         filled, failed = (int(v) for v in _all_reduce_sum([counts["written"], counts["failed"]], info.device))
         _barrier()
         log.info("feature cache: %d media decoded and encoded from their files, %d unreadable (skipped and counted "
@@ -321,10 +317,6 @@ def attach(cfg, model, data: str, prev_data: str | None, folders: dict, info) ->
              root, len(cache), views, names)
     loaders = {m: CachedLoader(cache, m, folders.get(m), fingerprint) for m in MODALITIES}
     return TrainingCache(cache, loaders, views, filled, failed)
-
-
-def _backend(model) -> str:
-    return getattr(model, "_feature_video_backend", "pyav")
 
 
 # ---------------------------------------------------------------------------- the CLI
@@ -400,7 +392,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     t0 = time.perf_counter()
     try:
         model, data, prev_data, folders = load_encoders(cfg, info)
-        model._feature_video_backend = cfg.video_backend
         spec = cache_spec(cfg, model, own["views"])
         if info.rank == 0:
             cache = FeatureCache.create_or_open(own["out"], spec)
@@ -410,7 +401,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         items = plan(data, prev_data, cfg.alpha, folders, model.config, cfg.seed, own["views"])
         workers = cfg.num_workers if cfg.num_workers is not None else (4 if info.device.type == "cuda" else 0)
         counts = build(model, items, cache, info.rank, info.world_size, own["batch"], own["shard_size"],
-                       workers, own["progress"])
+                       workers, own["progress"], cfg.video_backend)
     except CacheError as e:
         print(f"{PROG}: error: {e}", file=sys.stderr)
         return 1

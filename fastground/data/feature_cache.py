@@ -211,7 +211,11 @@ class FeatureCache:
             db.execute("COMMIT")
         finally:
             db.close()
-        cache = cls(root, CacheSpec.from_meta(dict(cls._connect(root).execute("SELECT key, value FROM meta"))))
+        db = cls._connect(root)
+        try:
+            cache = cls(root, CacheSpec.from_meta(dict(db.execute("SELECT key, value FROM meta"))))
+        finally:
+            db.close()
         diff = _differences(cache.spec, spec)
         if diff:
             raise CacheError(f"{root}: an existing feature cache made with other settings: {'; '.join(diff)}; "
