@@ -355,9 +355,10 @@ def bwd_config(BH: int, Lq: int, Lk: int, D: int, dtype: torch.dtype, sms: int, 
     then stay in registers for the whole program). BLOCK_N = pow2(Lk) capped at 32 for 16-bit
     (4 warps, 3 stages) and 16 for fp32 (2 stages, 8 warps IEEE / 4 TF32): with q, dO, dQ, dK, dV and the
     P/dP tiles live at once, larger key blocks spill on sm_80. Each program walks
-    `blocks_per_chunk` key blocks, sized so about 2 programs per SM exist (B=8, 2048 keys,
-    bf16: 21 blocks, 4 chunks per head): fewer chunks mean fewer dQ partials to write and sum,
-    more would not add occupancy.
+    `blocks_per_chunk` key blocks. The chunks per head are the most that keep all programs
+    within one wave of 2 resident programs per SM (B=8 on an H100: 96 heads x 2 chunks = 192
+    <= 264), never a partial second wave (3 chunks would be 288 programs: 264 plus a tail of
+    24); with B*H beyond a wave, one chunk per head. Fewer chunks mean fewer dQ partials.
     """
     if dtype == torch.float32:
         cap_n, warps, stages = 16, (8 if precision == "ieee" else 4), 2
@@ -369,7 +370,8 @@ def bwd_config(BH: int, Lq: int, Lk: int, D: int, dtype: torch.dtype, sms: int, 
     cfg = dict(BLOCK_M=block_m, BLOCK_N=_p2(Lk, 16, cap_n), BLOCK_D=_p2(D, 16, 128),
                num_warps=warps, num_stages=stages)
     n_blocks = cdiv(Lk, cfg["BLOCK_N"])
-    cfg["blocks_per_chunk"] = max(1, (n_blocks * BH) // (2 * sms))
+    chunks = max(1, min(n_blocks, (2 * sms) // BH))
+    cfg["blocks_per_chunk"] = cdiv(n_blocks, chunks)
     return cfg
 
 

@@ -184,3 +184,13 @@ def test_dpe_is_a_positions_by_width_product_when_x_needs_no_grad(x_grad):
     ref = torch.zeros(T + 1, din, dtype=torch.double).index_add_(0, pos, dxpe)
     assert torch.allclose(pe.grad.double(), ref, rtol=1e-5, atol=1e-4)
     assert torch.allclose(wk.grad.double(), gk.double().reshape(-1, dout).T @ xpe, rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("batch", [1, 8, 64])
+def test_attention_backward_fills_whole_waves(batch):
+    """No tail wave: the backward's programs fit one wave of 2 per SM, or are one per head."""
+    count = branch_launches("video", batch)
+    for launch in count.triton:
+        if launch.kernel.fn.__name__ == "_attn_bwd_kernel":
+            chunks, heads = launch.grid
+            assert chunks == 1 or chunks * heads <= 2 * 132, launch.grid
