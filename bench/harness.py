@@ -183,11 +183,32 @@ def run_case(benchmark, fg, info: CaseInfo, fn: Callable[..., Any], inputs: Sequ
     peak = torch.cuda.max_memory_allocated(device) if gpu else None
 
     fig = figures(fg, info, dev, host, peak, mem_before)
+    if gpu:
+        fig.update(gpu_busy(fn, next_args, device))
     if extra:
         fig.update(extra)
     benchmark.extra_info.update(fig)
     fg.record(fig)
     return fig
+
+
+def gpu_busy(fn: Callable[..., Any], next_args: Callable[[], tuple], device: torch.device) -> dict:
+    """One more call under the profiler: the summed duration of its device kernels
+    (`gpu_busy_ms`), beside the wall time of the same call (`profiled_wall_ms`). busy << wall
+    means the call is host-bound (launch overhead), which timings alone do not show."""
+    try:
+        from torch.profiler import ProfilerActivity, profile
+        args = next_args()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            t0 = time.perf_counter()
+            fn(*args)
+            torch.cuda.synchronize(device)
+            wall = time.perf_counter() - t0
+        kernels = [e for e in prof.events() if e.device_type.name == "CUDA"]
+        busy_us = sum(e.device_time for e in kernels)
+        return {"gpu_busy_ms": busy_us / 1e3, "profiled_wall_ms": wall * 1e3, "device_kernels": len(kernels)}
+    except Exception as e:  # the profiler is a diagnostic: never lose the case over it
+        return {"gpu_busy_error": f"{type(e).__name__}: {e}"[:200]}
 
 
 def figures(fg, info: CaseInfo, dev_s: list[float], host_s: list[float], peak: int | None,
