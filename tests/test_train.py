@@ -45,9 +45,12 @@ def demo(tmp_path_factory):
 
 
 def _data_args(demo, stage):
-    # --demo-data too: a fresh tiny model takes its tokenizer from the demo set
+    # --demo-data too: a fresh tiny model takes its tokenizer from the demo set.
+    # --no-fast-path: these tests are about ZeRO, resume and the CLI, on the reference
+    # modules (the Triton kernels would run interpreted here, tests/conftest.py); the fast
+    # engine's own equivalence tests are tests/test_train_fast.py.
     return ["--data", os.path.join(demo, f"stage{stage}.json"), "--image-folder", demo,
-            "--video-folder", demo, "--sound-folder", demo, "--demo-data", demo]
+            "--video-folder", demo, "--sound-folder", demo, "--demo-data", demo, "--no-fast-path"]
 
 
 @pytest.fixture(scope="module")
