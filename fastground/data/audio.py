@@ -152,11 +152,11 @@ def _check_wav_complete(path: str, sample_id: Any) -> None:
             f.seek(size + (size & 1), os.SEEK_CUR)
 
 
-def decode_audio(path: Any, sample_id: Any = None) -> tuple[np.ndarray, int]:
-    """All samples of the first audio stream: (float32 (channels, n), sample rate)."""
+def _open_audio(path: str, sample_id: Any):
+    """(container, first audio stream, sample rate, declared samples) of a checked file; the
+    container is closed again when the file has no usable audio stream."""
     import av
 
-    path = _fspath(path)
     _check_file(path, sample_id)
     _check_wav_complete(path, sample_id)
     try:
@@ -170,7 +170,19 @@ def decode_audio(path: Any, sample_id: Any = None) -> tuple[np.ndarray, int]:
         sr = int(stream.codec_context.sample_rate or 0)
         if sr <= 0:
             raise MediaError(path, "audio stream has no sample rate", sample_id)
-        declared = _declared_samples(stream)
+        return container, stream, sr, _declared_samples(stream)
+    except BaseException:
+        container.close()
+        raise
+
+
+def decode_audio(path: Any, sample_id: Any = None) -> tuple[np.ndarray, int]:
+    """All samples of the first audio stream: (float32 (channels, n), sample rate)."""
+    import av
+
+    path = _fspath(path)
+    container, stream, sr, declared = _open_audio(path, sample_id)
+    try:
         chunks = []
         try:
             for frame in container.decode(stream):
@@ -495,22 +507,8 @@ def decode_clip_spans(path: str, cfg, sample_id: Any = None):
     `cfg`: only the samples the clips read are ever held."""
     import av
 
-    _check_file(path, sample_id)
-    _check_wav_complete(path, sample_id)
-    try:
-        container = av.open(path)
-    except av.error.FFmpegError as e:
-        raise MediaError(path, f"not a readable audio file ({e})", sample_id) from None
-    try:
-        if not container.streams.audio:
-            raise MediaError(path, "no audio stream in the file", sample_id)
-        stream = container.streams.audio[0]
-        sr = int(stream.codec_context.sample_rate or 0)
-        if sr <= 0:
-            raise MediaError(path, "audio stream has no sample rate", sample_id)
-        declared = _declared_samples(stream)
-    finally:
-        container.close()
+    container, _, sr, declared = _open_audio(path, sample_id)
+    container.close()
     n_src = declared if declared is not None else _count_samples(path, sample_id)
     if sr == SAMPLE_RATE:
         orig = new = 1
