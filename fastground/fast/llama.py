@@ -57,27 +57,27 @@ class FastLlamaAttention(ml.LlamaAttention):
 SWAPS = ((ml.LlamaRMSNorm, FastRMSNorm), (ml.LlamaMLP, FastLlamaMLP), (ml.LlamaAttention, FastLlamaAttention))
 
 
+def _swap_classes(model: nn.Module, pairs) -> int:
+    """Re-class every module whose exact type is a `from` of `pairs`; parameters untouched."""
+    table = dict(pairs)
+    n = 0
+    for m in model.modules():
+        to = table.get(type(m))
+        if to is not None:
+            m.__class__ = to
+            n += 1
+    return n
+
+
 def patch_llama(model: nn.Module) -> int:
     """Swap every Llama norm, MLP and attention under `model`; returns how many modules."""
     if ml.apply_rotary_pos_emb is not _dispatch_rope:
         ml.apply_rotary_pos_emb = _dispatch_rope
-    n = 0
-    for m in model.modules():
-        for ref, fast in SWAPS:
-            if type(m) is ref:
-                m.__class__ = fast
-                n += 1
-    return n
+    return _swap_classes(model, SWAPS)
 
 
 def unpatch_llama(model: nn.Module) -> int:
-    n = 0
-    for m in model.modules():
-        for ref, fast in SWAPS:
-            if type(m) is fast:
-                m.__class__ = ref
-                n += 1
-    return n
+    return _swap_classes(model, [(fast, ref) for ref, fast in SWAPS])
 
 
 def llama_patched_layers(model: nn.Module) -> int:
