@@ -14,6 +14,7 @@ import fastground.kernels as kernels_pkg
 from fastground.fast.launch_count import branch_launches
 from fastground.kernels import runtime
 from fastground.kernels.kv_proj_pe import kv_proj_pe
+from tolerances import rel_err
 
 KERNEL_DIR = Path(kernels_pkg.__file__).parent
 FAST_DIR = Path(__file__).resolve().parents[1] / "fastground" / "fast"
@@ -153,13 +154,51 @@ def test_audio_branch_step_launch_count():
     assert len(count.triton) <= AUDIO_STEP_MAX_LAUNCHES, count.summary()
 
 
-def test_weights_are_concatenated_once_not_per_call():
-    """Fused Q|K|V and K/V weights are built once and reused while the parameters are
-    unchanged: a second forward concatenates nothing (and runs no device op but the
-    embeddings' LayerNorm and dropout)."""
-    count = branch_launches("video", 2, repeat=2, backward=False)
+def test_frozen_weights_are_concatenated_once_not_per_call():
+    """Fused Q|K|V and K/V weights of a frozen Q-Former (the frame Q-Former) are built once and
+    reused while the parameters are unchanged: a second forward concatenates nothing (and runs
+    no device op but the embeddings' LayerNorm and dropout)."""
+    count = branch_launches("video", 2, repeat=2, backward=False, frozen=True)
     assert "cat" not in count.other, count.summary()
     assert len(count.other) <= 4, count.summary()
+
+
+def test_trainable_weights_are_concatenated_every_call():
+    """Trainable weights may be updated through `.data` (DeepSpeed ZeRO does so), which no
+    version counter sees: their concatenation is made anew each call."""
+    count = branch_launches("video", 2, repeat=2, backward=False)
+    assert count.other.count("cat") == 8, count.summary()  # Q|K|V weight and bias x 2 layers, K, V x 2
+
+
+@pytest.mark.parametrize("frozen", [False, True])
+def test_fast_qformer_sees_weights_written_through_data(frozen):
+    """An update written through `.data` (as DeepSpeed's optimizer writes it) reaches the fast
+    forward; for frozen weights a load (copy_ under no_grad) does. A stale fused copy once made
+    the trainer's fast path compute with the previous step's weights."""
+    import copy
+    from fastground.fast.patching import patch
+    from fastground.fast.qformer import to_fast
+    from fastground.model.qformer import QFormer, QFormerSpec
+    torch.manual_seed(0)
+    ref = QFormer(QFormerSpec(hidden_size=32, num_layers=2, num_heads=4, intermediate_size=48,
+                              encoder_width=24, cross_attention_freq=1, hidden_dropout=0.0,
+                              attention_dropout=0.0)).eval()
+    ref.requires_grad_(not frozen)
+    fast = to_fast(copy.deepcopy(ref))
+    q, x = torch.randn(2, 5, 32), torch.randn(2, 7, 24)
+    for step in range(3):
+        want = ref.bert(query_embeds=q, encoder_hidden_states=x).last_hidden_state
+        got = fast.bert(query_embeds=q, encoder_hidden_states=x).last_hidden_state
+        assert rel_err(got, want) <= 1e-5, step
+        with torch.no_grad():
+            noise = {n: 0.1 * torch.randn_like(p) for n, p in ref.named_parameters()}
+            for name, p in ref.named_parameters():
+                p.add_(noise[name])
+            for name, p in fast.named_parameters():
+                if frozen:
+                    p.copy_(p + noise[name])
+                else:
+                    p.data.add_(noise[name])
 
 
 # --------------------------------------------------------------------------- dPE product
@@ -194,3 +233,23 @@ def test_attention_backward_fills_whole_waves(batch):
         if launch.kernel.fn.__name__ == "_attn_bwd_kernel":
             chunks, heads = launch.grid
             assert chunks == 1 or chunks * heads <= 2 * 132, launch.grid
+
+
+def test_kernels_folder_does_not_shadow_the_hub_kernels_package():
+    """From a source checkout, `python -m` puts the checkout on sys.path; the `kernels/` folder
+    must not then stand in for the Hugging Face `kernels` package that transformers imports."""
+    import importlib.metadata
+    import subprocess
+    import sys
+    root = Path(__file__).resolve().parents[1]
+    code = ("import kernels, fastground.kernels as ours, pathlib; "
+            "print(pathlib.Path(kernels.__file__).resolve() != pathlib.Path(ours.__file__).resolve())")
+    try:
+        installed = bool(importlib.metadata.version("kernels"))
+    except importlib.metadata.PackageNotFoundError:
+        installed = False
+    run = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True)
+    if installed:
+        assert run.returncode == 0 and run.stdout.strip() == "True", run.stderr
+    else:
+        assert "No module named 'kernels'" in run.stderr, run.stderr

@@ -4,12 +4,11 @@ Fast: Triton branches (every Q-Former, the frozen frame Q-Former included), fuse
 packed steps filled to --max-tokens and the answer-only fused loss. Reference: transformers'
 modules, reference Q-Formers, padded micro-batches, lm_head on every position and plain
 cross-entropy. Same tiny checkpoint (no dropout), same data, 10 optimizer steps in fp32:
-every step's loss within 1e-5 relative and the final trainable parameters within 1e-4 for
-the backbone side (packed steps, fused loss, fused Llama ops: losses measured <= 2e-7
-apart). With the Triton Q-Former branches on too, 1e-4 on the losses and 1e-3 on the
-parameters: the branches' fp32 gradients agree to ~1e-6 per tensor (~1e-7 forward), but the
-tiny model's Q-Formers get gradients of ~1e-6, near Adam's epsilon, and ten Adam steps carry
-those last-digit differences to up to 7e-5 in later losses and 3e-4 in the parameters.
+every step's loss within 1e-5 relative and the final trainable parameters within 1e-4
+(measured: losses <= 1e-7 apart, parameters 2e-8 overall, every tensor <= 3e-6), for the
+backbone side alone and with the Triton Q-Former branches on too. The attention key biases
+are the exception per tensor: their gradient is zero in exact arithmetic, so both paths move
+them by rounding noise only (~1e-11), held to an absolute bound instead.
 
 The kernels run under TRITON_INTERPRET=1 on CPU (tests/conftest.py), so the batches are
 small: 2 samples per step (one packed row against two padded micro-batches).
@@ -75,7 +74,9 @@ def _train(argv):
     return train(parse_config(argv, world_size=1))
 
 
-def _compare(stage, init, fast_dir, ref_dir, fast_losses, ref_losses, loss_tol, param_tol):
+def _compare(stage, init, fast_dir, ref_dir, fast_losses, ref_losses, loss_tol, param_tol, abs_tol=1e-6):
+    """`abs_tol`: per-element bound for tensors that only rounding moves (a thousandth of one
+    1e-3 learning-rate step in fp32)."""
     assert len(fast_losses) == len(ref_losses)
     for (s, a), (_, b) in zip(fast_losses, ref_losses):
         assert abs(a - b) <= loss_tol * abs(b), f"step {s}: fast loss {a} vs reference {b}"
@@ -89,14 +90,9 @@ def _compare(stage, init, fast_dir, ref_dir, fast_losses, ref_losses, loss_tol, 
     want = torch.cat([rsd[n].double().flatten() for n in names])
     assert rel_err(got, want) <= param_tol
     for name in names:
-        # Per tensor too, coarser: the Q-Formers' small tensors (biases ~1e-3) drift most
-        # (measured up to 3e-2 relative, 1e-3 absolute in one output dense weight after 10
-        # steps with the Triton branches on; <= 1e-4 with them off). The attention key
-        # biases, whose gradient is zero in exact arithmetic, hold only rounding noise: those
-        # are held to a tenth of one learning-rate step (1e-3) per element instead.
         err = rel_err(fsd[name], rsd[name])
         diff = (fsd[name].double() - rsd[name].double()).abs().max().item()
-        assert err <= 50 * param_tol or diff <= 1e-4, f"{name}: relative error {err:.3g}, max difference {diff:.3g}"
+        assert err <= param_tol or diff <= abs_tol, f"{name}: relative error {err:.3g}, max difference {diff:.3g}"
     assert any(not torch.equal(rsd[n], ssd[n]) for n in trained)  # the runs did train
     for name in set(rsd) - set(trained):
         assert torch.equal(fsd[name], rsd[name]), name  # frozen stays bit-identical
@@ -114,7 +110,7 @@ def test_fast_engine_trains_like_the_reference_path_fp32(demo, init_model, tmp_p
     assert "Qformer (frozen, under no_grad), video_Qformer" in log
     assert "fused RMSNorm, RoPE and SwiGLU in 2 Llama layers" in log
     assert "batches: packed" in log and "answer-only chunked linear cross-entropy" in log
-    _compare(stage, init_model, fast.output, ref.output, fast.losses, ref.losses, 1e-4, 1e-3)
+    _compare(stage, init_model, fast.output, ref.output, fast.losses, ref.losses, 1e-5, 1e-4)
     rec = [json.loads(line) for line in open(os.path.join(fast.output, "metrics.jsonl"))]
     assert all(r["padding_waste"] == 1.0 for r in rec if "padding_waste" in r)
     padded = [json.loads(line) for line in open(os.path.join(ref.output, "metrics.jsonl"))]
@@ -126,7 +122,7 @@ def test_fast_engine_trains_like_the_reference_path_fp32(demo, init_model, tmp_p
 def test_fast_engine_bf16_within_tolerance(demo, init_model, tmp_path):
     ref = _train(_args(demo, init_model, 3, tmp_path / "ref", 3, REFERENCE + ["--precision", "bf16"]))
     fast = _train(_args(demo, init_model, 3, tmp_path / "fast", 3, FAST + ["--precision", "bf16"]))
-    _compare(3, init_model, fast.output, ref.output, fast.losses, ref.losses, 1e-2, 2e-2)
+    _compare(3, init_model, fast.output, ref.output, fast.losses, ref.losses, 1e-2, 2e-2, abs_tol=1e-4)
 
 
 def _free_port():
@@ -160,4 +156,4 @@ def test_fast_engine_zero2_two_ranks(demo, init_model, tmp_path):
     _torchrun(_args(demo, init_model, 3, ref_out, 3, REFERENCE) + common, tmp_path)
     err = _torchrun(_args(demo, init_model, 3, fast_out, 3, FAST + ["--max-tokens", "512"]) + common, tmp_path)
     assert "2 process(es)" in err
-    _compare(3, init_model, str(fast_out), str(ref_out), _losses(fast_out), _losses(ref_out), 1e-4, 1e-3)
+    _compare(3, init_model, str(fast_out), str(ref_out), _losses(fast_out), _losses(ref_out), 1e-5, 1e-4)

@@ -74,8 +74,9 @@ class _Branch(nn.Module):
 
 def branch_launches(which: str = "video", batch: int = 8, backward: bool = True, training: bool = True,
                     dtype: torch.dtype = torch.bfloat16, preset: str = "groundinggpt-7b", num_sms: int = 132,
-                    masked: bool = False, repeat: int = 1) -> LaunchCount:
-    """Launches of the last of `repeat` calls (earlier ones warm the per-shape caches)."""
+                    masked: bool = False, repeat: int = 1, frozen: bool = False) -> LaunchCount:
+    """Launches of the last of `repeat` calls (earlier ones warm the per-shape caches);
+    `frozen`: no parameter of the branch requires grad (as the frame Q-Former's)."""
     from fastground.config import GroundingGPTConfig
     from fastground.fast.branches import fast_audio_branch, fast_video_branch
     from fastground.fast.patching import patch
@@ -85,6 +86,7 @@ def branch_launches(which: str = "video", batch: int = 8, backward: bool = True,
         part = _Branch(cfg, which).to(dtype)
     patch(part, llama=False)
     part.train(training)
+    part.requires_grad_(not frozen)
     if which == "video":
         feats = torch.empty(batch, cfg.num_frames, cfg.num_query_token, cfg.qformer_hidden_size,
                             device="meta", dtype=dtype)

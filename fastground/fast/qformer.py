@@ -59,27 +59,37 @@ def _context(o: torch.Tensor) -> torch.Tensor:
 
 
 # --------------------------------------------------------------------------- fused weights
-# Concatenated weights (Q|K|V of each self-attention; K and V of every cross-attention layer)
-# are built once and reused until a parameter changes (an optimizer step bumps its version),
-# instead of a torch.cat per call. The concatenation stays on the autograd graph (cat and
-# cast save no tensors, so several backward passes may go through it), and the cache lives
-# outside the module so deepcopy and state dicts never see it.
+# Concatenated weights (Q|K|V of each self-attention; K and V of every cross-attention layer).
+# Trainable weights are concatenated on every call: an optimizer may write them through
+# `.data` (DeepSpeed's ZeRO stages copy updated partitions into the parameters that way), which
+# moves neither the version counter nor the data pointer, so no cheap check can tell that a
+# cached copy went stale (a cache keyed on them trained on the previous step's weights). The
+# cat is a few MB per forward, nothing beside the GEMMs it feeds. Frozen weights (no parameter
+# requires grad: the frame Q-Former) change only by loading, which does bump the version, so
+# those are concatenated once and reused. The concatenation stays on the autograd graph (cat
+# and cast save no tensors), and the cache lives outside the module so deepcopy and state
+# dicts never see it.
 _FUSED: "weakref.WeakKeyDictionary[torch.nn.Module, dict]" = weakref.WeakKeyDictionary()
+
+
+def _concat(params, dt: torch.dtype) -> torch.Tensor:
+    return torch.cat([p.to(dt) for p in params]) if len(params) > 1 else params[0].to(dt)
 
 
 def fused_weight(owner: torch.nn.Module, name: str, params, dt: torch.dtype) -> torch.Tensor:
     params = list(params)
-    if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
-        # inside a CUDA graph the concatenation must be part of the graph, so that a replay
-        # after an optimizer step concatenates the updated weights
-        return torch.cat([p.to(dt) for p in params]) if len(params) > 1 else params[0].to(dt)
+    if any(p.requires_grad for p in params) or (
+            torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()):
+        # trainable (see above), or inside a CUDA graph, where the concatenation must be part
+        # of the graph so that a replay after an optimizer step reads the updated weights
+        return _concat(params, dt)
     mode = (torch.is_grad_enabled(), torch.is_inference_mode_enabled(), dt)
-    sig = tuple((p._version, p.data_ptr(), p.requires_grad, p.dtype) for p in params)
+    sig = tuple((p._version, p.data_ptr(), p.dtype) for p in params)
     cache = _FUSED.setdefault(owner, {})
     hit = cache.get((name, mode))
     if hit is not None and hit[0] == sig:
         return hit[1]
-    w = torch.cat([p.to(dt) for p in params]) if len(params) > 1 else params[0].to(dt)
+    w = _concat(params, dt)
     cache[(name, mode)] = (sig, w)
     return w
 
