@@ -15,6 +15,7 @@ import torch
 from fastground import GroundingGPT, GroundingGPTConfig
 from fastground.data.feature_cache import CacheError, FeatureCache
 from fastground.train.cli import parse_config
+from media_clips import h264_clip
 from tests.tolerances import REL_TOL, rel_err
 
 pytestmark = pytest.mark.requires("deepspeed", "safetensors")
@@ -314,28 +315,11 @@ def test_trainer_loader_spawns_workers_for_dali(demo, monkeypatch):
 # ---------------------------------------------------------------------------- probing
 
 
-def _h264(path, n=90, faststart=True):
-    import av
-    import numpy as np
-    c = av.open(str(path), "w", options={"movflags": "faststart"} if faststart else {})
-    s = c.add_stream("libx264", rate=30)
-    s.width, s.height, s.pix_fmt, s.options = 96, 64, "yuv420p", {"g": "15"}
-    for i in range(n):
-        img = np.zeros((64, 96, 3), np.uint8)
-        img[:, (i % 90):(i % 90) + 6] = 255
-        for p in s.encode(av.VideoFrame.from_ndarray(img, format="rgb24")):
-            c.mux(p)
-    for p in s.encode():
-        c.mux(p)
-    c.close()
-    return str(path)
-
-
 def test_mp4_probed_from_its_header_and_a_cut_file_still_fails(tmp_path, monkeypatch):
     import av
     from fastground.data.errors import MediaError
     from fastground.data.video import load_video, probe_video
-    path = _h264(tmp_path / "clip.mp4")
+    path = h264_clip(tmp_path / "clip.mp4")
     demuxed = []
     real = av.container.InputContainer.demux
     monkeypatch.setattr(av.container.InputContainer, "demux", lambda self, *a, **k: demuxed.append(1) or real(self, *a, **k))

@@ -47,6 +47,7 @@ import math
 import os
 import threading
 from dataclasses import dataclass
+from fractions import Fraction
 from typing import Any, Optional, Union
 
 import numpy as np
@@ -57,7 +58,7 @@ from fastground.data.image import CLIP_MEAN, CLIP_STD
 
 __all__ = [
     "VideoInfo", "probe_video", "frame_indices", "crop_box",
-    "VideoDecoder", "PyAVDecoder", "DALIDecoder", "get_decoder", "load_video",
+    "VideoDecoder", "PyAVDecoder", "ScaledPyAVDecoder", "DALIDecoder", "BACKENDS", "get_decoder", "load_video",
     "normalize_frames", "worker_start_method",
 ]
 
@@ -224,7 +225,9 @@ def normalize_frames(frames: torch.Tensor) -> torch.Tensor:
     x = frames.movedim(-1, -4).to(torch.float32) / 255.0
     mean = torch.tensor(CLIP_MEAN, dtype=torch.float32, device=x.device).view(3, 1, 1, 1)
     std = torch.tensor(CLIP_STD, dtype=torch.float32, device=x.device).view(3, 1, 1, 1)
-    return (x - mean) / std
+    # contiguous: the moved-axis view would reach EVA's patch convolution in a channels-last
+    # layout, whose kernels round differently from the batch a loader stacks
+    return ((x - mean) / std).contiguous()
 
 
 # ------------------------------------------------------------------------- decoders
@@ -250,37 +253,115 @@ class VideoDecoder(abc.ABC):
         """Decode frames `idx` of `path`, crop `box`, resize to `size` (the backend's part)."""
 
 
+def _avcc_length_size(extradata: Optional[bytes]) -> Optional[int]:
+    """NAL length-field size of an avcC (MP4/MKV) H.264 stream; None for Annex B (start codes)."""
+    if extradata and len(extradata) >= 5 and extradata[0] == 1:
+        return (extradata[4] & 3) + 1
+    return None
+
+
+def _h264_nal_headers(data: bytes, length_size: Optional[int]):
+    if length_size is None:  # Annex B: a NAL starts after each 00 00 01
+        i = data.find(b"\x00\x00\x01")
+        while 0 <= i < len(data) - 3:
+            yield data[i + 3]
+            i = data.find(b"\x00\x00\x01", i + 3)
+        return
+    i = 0
+    while i + length_size < len(data):
+        n = int.from_bytes(data[i:i + length_size], "big")
+        yield data[i + length_size]
+        i += length_size + n
+
+
+def _h264_nonref(data: bytes, length_size: Optional[int]) -> bool:
+    """True for an access unit whose coded slices all have nal_ref_idc 0: no later picture
+    predicts from it, so leaving it out of the decoder changes no other frame."""
+    slices = [h for h in _h264_nal_headers(data, length_size) if 1 <= (h & 0x1F) <= 5]
+    return bool(slices) and all((h >> 5) & 3 == 0 for h in slices)
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """Display index of each video packet (rank of its pts) and the packets the decoder can go
+    without: non-reference H.264 pictures that are not wanted."""
+    index: dict  # pts -> display index
+    skip: frozenset  # pts of packets not sent to the decoder
+    last_pts: int  # pts of the last wanted frame
+
+
+def _decode_plan(container, stream, wanted: set) -> Optional[_Plan]:
+    """From one demux pass (no decoding); None where pts cannot name the frames (missing or
+    repeated pts, packets the demuxer marks to discard): those files decode in order."""
+    nonref = stream.codec_context.name == "h264"
+    length_size = _avcc_length_size(stream.codec_context.extradata) if nonref else None
+    pts, droppable = [], set()
+    for pkt in container.demux(stream):
+        if pkt.size == 0:
+            continue
+        if pkt.pts is None or pkt.is_discard or pkt.is_corrupt:
+            return None
+        pts.append(pkt.pts)
+        if nonref and _h264_nonref(bytes(pkt), length_size):
+            droppable.add(pkt.pts)
+    order = sorted(pts)
+    if len(set(order)) != len(order) or not order:
+        return None
+    index = {p: i for i, p in enumerate(order)}
+    wanted_pts = {order[i] for i in wanted if i < len(order)}
+    if len(wanted_pts) != len(wanted):
+        return None  # fewer packets than the probe's count: decode in order, fail as truncated there
+    return _Plan(index, frozenset(droppable - wanted_pts), max(wanted_pts))
+
+
 class PyAVDecoder(VideoDecoder):
-    """Reference backend: FFmpeg via PyAV, swscale colour conversion, PIL resize."""
+    """Reference backend: FFmpeg via PyAV, swscale colour conversion, PIL resize.
+
+    Frames are named by display index: the rank of their pts among the stream's packets (one
+    demux pass, no decoding), which is the order the decoder returns them in. That lets the
+    decoder skip unwanted H.264 pictures that nothing predicts from (nal_ref_idc 0; about half
+    the frames of an x264 stream with B-frames): the frames it does return are bit for bit those
+    of decoding everything. Files without usable pts decode every frame in order."""
 
     name = "pyav"
 
+    def __init__(self, skip_nonref: bool = True) -> None:
+        self.skip_nonref = skip_nonref
+
     def _decode(self, path, info, idx, box, size, normalize, sample_id):
         import av
-        from av.video.reformatter import Interpolation
-        from PIL import Image
 
-        flags = Interpolation.BILINEAR | Interpolation.FULL_CHR_H_INT | Interpolation.ACCURATE_RND
         wanted = set(int(i) for i in idx)
-        last = max(wanted)
         got: dict[int, np.ndarray] = {}
-        container = _open_container(path, sample_id)
+
+        convert = self._converter(info, box, size)
+
+        def keep(n, frame):
+            got[n] = convert(frame)
+
+        plan = None
+        if self.skip_nonref:
+            container = _open_container(path, sample_id)
+            try:
+                plan = _decode_plan(container, container.streams.video[0], wanted)
+            except av.error.FFmpegError:
+                plan = None  # the ordered decode below names the damage
+            finally:
+                container.close()
         n = -1
+        container = _open_container(path, sample_id)
         try:
             stream = container.streams.video[0]
             stream.thread_type = "AUTO"  # frame threads: faster, same frames
-            for n, frame in enumerate(container.decode(stream)):
-                if n in wanted:
-                    rgb = frame.reformat(format="rgb24", interpolation=flags).to_ndarray()
-                    fbox = box
-                    if (frame.width, frame.height) != (info.width, info.height):
-                        # The size changed mid-stream: the same region, in this frame's pixels.
-                        sx, sy = frame.width / info.width, frame.height / info.height
-                        fbox = (box[0] * sx, box[1] * sy, box[2] * sx, box[3] * sy)
-                    img = Image.fromarray(rgb).resize((size, size), Image.BICUBIC, box=fbox)
-                    got[n] = np.asarray(img)
-                if n >= last:
-                    break
+            if plan is None:
+                last = max(wanted)
+                for n, frame in enumerate(container.decode(stream)):
+                    if n in wanted:
+                        keep(n, frame)
+                    if n >= last:
+                        break
+            else:
+                n = self._decode_planned(container, stream, plan, wanted, keep, path, sample_id)
         except av.error.FFmpegError as e:
             raise MediaError(path, f"corrupt video: decoding failed after {n + 1} frames ({e})",
                              sample_id) from None
@@ -291,6 +372,92 @@ class PyAVDecoder(VideoDecoder):
                                    f"lists {info.n_frames}", sample_id)
         frames = torch.from_numpy(np.stack([got[int(i)] for i in idx]))
         return normalize_frames(frames) if normalize else frames
+
+    @staticmethod
+    def _converter(info: VideoInfo, box, size: int):
+        """frame -> uint8 (size, size, 3): full-frame RGB by swscale, then PIL bicubic of the box."""
+        from av.video.reformatter import Interpolation
+        from PIL import Image
+        flags = Interpolation.BILINEAR | Interpolation.FULL_CHR_H_INT | Interpolation.ACCURATE_RND
+
+        def convert(frame):
+            rgb = frame.reformat(format="rgb24", interpolation=flags).to_ndarray()
+            fbox = box
+            if (frame.width, frame.height) != (info.width, info.height):
+                # The size changed mid-stream: the same region, in this frame's pixels.
+                sx, sy = frame.width / info.width, frame.height / info.height
+                fbox = (box[0] * sx, box[1] * sy, box[2] * sx, box[3] * sy)
+            return np.asarray(Image.fromarray(rgb).resize((size, size), Image.BICUBIC, box=fbox))
+        return convert
+
+    @staticmethod
+    def _decode_planned(container, stream, plan: _Plan, wanted, keep, path, sample_id) -> int:
+        """Decode by plan; the display index of the last frame returned."""
+        n = -1
+
+        def take(frames) -> bool:
+            nonlocal n
+            for frame in frames:
+                i = plan.index.get(frame.pts)
+                if i is None:
+                    raise MediaError(path, f"a decoded frame has pts {frame.pts}, which no packet carries",
+                                     sample_id)
+                n = i
+                if i in wanted:
+                    keep(i, frame)
+            return n >= plan.index[plan.last_pts]  # frames come in display order: all wanted are in
+
+        for pkt in container.demux(stream):
+            if pkt.size and pkt.pts in plan.skip:
+                continue
+            if pkt.size and take(stream.decode(pkt)):
+                return n
+        take(stream.decode(None))  # flush the frames the decoder still holds
+        return n
+
+
+class ScaledPyAVDecoder(PyAVDecoder):
+    """PyAV decoding as "pyav"; the crop, the resize and the YUV->RGB conversion in one FFmpeg
+    filter pass (crop, then swscale bicubic straight to size x size RGB), so no full-resolution
+    RGB frame is made. The crop box is rounded to whole source pixels and swscale's bicubic is
+    not PIL's: the frames differ slightly from "pyav" (bound in tests/test_media.py). The
+    release's own decord loader also resizes with swscale inside the decoder."""
+
+    name = "pyav-scale"
+
+    @staticmethod
+    def _converter(info: VideoInfo, box, size: int):
+        import av
+        graphs: dict = {}
+
+        def graph_for(frame):
+            key = (frame.width, frame.height, frame.format.name)
+            g = graphs.get(key)
+            if g is None:
+                sx, sy = frame.width / info.width, frame.height / info.height
+                x0, y0 = int(round(box[0] * sx)), int(round(box[1] * sy))
+                x1 = min(frame.width, max(x0 + 1, int(round(box[2] * sx))))
+                y1 = min(frame.height, max(y0 + 1, int(round(box[3] * sy))))
+                g = av.filter.Graph()
+                src = g.add_buffer(width=frame.width, height=frame.height, format=frame.format.name,
+                                   time_base=frame.time_base or Fraction(1, 1))
+                crop = g.add("crop", f"w={x1 - x0}:h={y1 - y0}:x={x0}:y={y0}:exact=1")
+                scale = g.add("scale", f"w={size}:h={size}:flags=bicubic+full_chroma_int+accurate_rnd")
+                fmt = g.add("format", "rgb24")
+                sink = g.add("buffersink")
+                src.link_to(crop)
+                crop.link_to(scale)
+                scale.link_to(fmt)
+                fmt.link_to(sink)
+                g.configure()
+                g = graphs[key] = (g, src, sink)
+            return g
+
+        def convert(frame):
+            g, src, sink = graph_for(frame)
+            src.push(frame)
+            return sink.pull().to_ndarray()
+        return convert
 
 
 class DALIDecoder(VideoDecoder):
@@ -406,17 +573,16 @@ def worker_start_method(backend: str) -> str | None:
 _DECODERS: dict[str, VideoDecoder] = {}
 
 
+BACKENDS = {"pyav": PyAVDecoder, "pyav-scale": ScaledPyAVDecoder, "dali": DALIDecoder}
+
+
 def get_decoder(backend: str = "pyav") -> VideoDecoder:
-    """The process-wide decoder of a backend ("pyav" or "dali")."""
+    """The process-wide decoder of a backend (a key of BACKENDS)."""
     dec = _DECODERS.get(backend)
     if dec is None:
-        if backend == "pyav":
-            dec = PyAVDecoder()
-        elif backend == "dali":
-            dec = DALIDecoder()
-        else:
-            raise ValueError(f"backend must be 'pyav' or 'dali', got {backend!r}")
-        _DECODERS[backend] = dec
+        if backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {', '.join(map(repr, BACKENDS))}, got {backend!r}")
+        dec = _DECODERS[backend] = BACKENDS[backend]()
     return dec
 
 

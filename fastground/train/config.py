@@ -20,6 +20,7 @@ from dataclasses import dataclass, field, fields
 from typing import Any
 
 from fastground.data.templates import TEMPLATES
+from fastground.data.video import BACKENDS as VIDEO_BACKENDS
 from fastground.train.loss_reduction import DEFAULT_LOSS_REDUCTION, LOSS_REDUCTIONS
 
 RELEASE_GPUS = 8  # Table 9: 8 x A100
@@ -108,7 +109,8 @@ class TrainConfig:
     max_tokens: int | None = _opt(None, "token budget of one packed micro-batch (default: micro batch x "
                                         "max length, the padded worst case)")
     num_workers: int | None = _opt(None, "DataLoader workers per process (default: 4 on GPU, 0 on CPU)")
-    video_backend: str = _opt("pyav", "video decoder", choices=("pyav", "dali"))
+    video_backend: str = _opt("pyav", "video decoder: pyav (reference: PIL bicubic of the decoded RGB), "
+                                       "pyav-scale (crop, resize and RGB in one FFmpeg pass; faster, slightly different pixels), dali", choices=tuple(VIDEO_BACKENDS))
     feature_cache: str | None = _opt(None, "read the frozen encoders' outputs from this cache (made by "
                                            "python -m fastground.features) instead of decoding media and "
                                            "running EVA/CLIP/ImageBind; media it lacks are encoded first")
