@@ -61,9 +61,8 @@ def media_key(path: str, folder: str | None) -> str:
 
 def frozen_modules(model) -> list[tuple[str, object]]:
     """The frozen encoders of the model, from the one table of parts."""
-    from fastground.model.branches import parts
-    inner = model.model
-    return [(p.name, getattr(inner, p.name)) for p in parts(role="encoder")]
+    from fastground.model.detached import frozen_names
+    return [(name, getattr(model.model, name)) for name in frozen_names()]
 
 
 def move_frozen(model, device) -> None:
@@ -271,11 +270,25 @@ class TrainingCache:
                      "e mod %d, so crops repeat from epoch %d (build with --views %d for fresh ones)",
                      epochs, self.views, self.views, self.views + 1, epochs)
 
-    def park_encoders(self, model) -> None:
-        """The frozen encoders never run; keep them on the CPU (they stay in the checkpoints)."""
-        move_frozen(model, torch.device("cpu"))
+    @staticmethod
+    def detached(model) -> int:
+        det = getattr(model, "detached_encoders", None)
+        return det.numel if det is not None else 0
+
+    def detach_encoders(self, model, output: str, rank: int) -> None:
+        """The frozen encoders never run from here on: take them out of the model before the
+        engine is made (never on the device, not held while training); rank 0 keeps one copy
+        in the output folder, which every checkpoint copies (fastground.model.detached)."""
+        from fastground.model.detached import FOLDER, detach_frozen
+        from fastground.train.engine import _barrier
+        names = ", ".join(name for name, _ in frozen_modules(model))
+        det = detach_frozen(model, os.path.join(output, FOLDER), self.cache.spec.weights, write=rank == 0,
+                            barrier=_barrier)
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
+        log.info("feature cache: the frozen encoders (%s, %.1fM parameters) are not built for training: read "
+                 "once for the weights fingerprint, then released; checkpoints copy them from %s",
+                 names, det.numel / 1e6, det.directory)
 
 
 def attach(cfg, model, data: str, prev_data: str | None, folders: dict, info) -> TrainingCache | None:
@@ -312,9 +325,7 @@ def attach(cfg, model, data: str, prev_data: str | None, folders: dict, info) ->
         log.info("feature cache: %d media decoded and encoded from their files, %d unreadable (skipped and counted "
                  "in training)", filled, failed)
     model.media_features = True
-    names = ", ".join(name for name, _ in frozen_modules(model))
-    log.info("feature cache %s: %d entries, %d view(s) per video; the frozen encoders (%s) are not run",
-             root, len(cache), views, names)
+    log.info("feature cache %s: %d entries, %d view(s) per video", root, len(cache), views)
     loaders = {m: CachedLoader(cache, m, folders.get(m), fingerprint) for m in MODALITIES}
     return TrainingCache(cache, loaders, views, filled, failed)
 

@@ -68,6 +68,13 @@ def test_training_from_cache_equals_training_from_media_fp32(demo, tmp_path, sta
     assert cached.losses == media.losses
     a, b = _weights(media.final), _weights(cached.final)
     assert [k for k in a if not torch.equal(a[k], b[k])] == []
+    # the encoders were detached (fastground.model.detached) and copied back byte for byte
+    assert os.path.isfile(os.path.join(cached.output, "frozen-encoders", "encoders.safetensors"))
+    assert not os.path.exists(os.path.join(media.output, "frozen-encoders"))
+    for name in ["model.safetensors"] + [os.path.join("vision_tower", f) for f in
+                                         os.listdir(os.path.join(media.final, "vision_tower"))]:
+        with open(os.path.join(media.final, name), "rb") as f, open(os.path.join(cached.final, name), "rb") as g:
+            assert f.read() == g.read(), name
 
 
 @pytest.mark.slow

@@ -59,12 +59,21 @@ def save_pretrained(model, path: str, max_shard_size: str | int = "5GB", safe_se
     tmp = tempfile.mkdtemp(prefix=os.path.basename(path) + ".tmp-", dir=parent)
     try:
         cfg = model.config
+        detached = getattr(model, "detached_encoders", None)  # fastground.model.detached
         if save_vision_tower:
-            model.model.vision_tower.save_pretrained(os.path.join(tmp, VISION_TOWER_DIR))
+            if detached is not None:
+                shutil.copytree(detached.tower_dir, os.path.join(tmp, VISION_TOWER_DIR))
+            else:
+                model.model.vision_tower.save_pretrained(os.path.join(tmp, VISION_TOWER_DIR))
             cfg = cfg.replace(mm_vision_tower=VISION_TOWER_DIR)
         cfg.save(tmp)
         # Expanded views (position_ids) and non-contiguous slices cannot be serialised as is.
         sd = {k: v.detach().contiguous().cpu() for k, v in release_state_dict(model).items()}
+        if detached is not None:
+            sd.update(detached.state_dict())
+            # the attached model's key order, so the shards are those it would have written
+            first = [k for k in detached.order if k in sd]
+            sd = {k: sd[k] for k in first + sorted(set(sd) - set(first))}
         pattern = "model{suffix}.safetensors" if safe_serialization else "pytorch_model{suffix}.bin"
         split = split_torch_state_dict_into_shards(sd, filename_pattern=pattern, max_shard_size=max_shard_size)
         for filename, keys in split.filename_to_tensors.items():

@@ -92,8 +92,9 @@ class GroundingGPTModel(LlamaModel):
         super().train(mode)
         # Frozen encoders stay in eval mode (no dropout), as the release's disabled_train.
         for enc in FROZEN_ENCODERS:
-            getattr(self, enc).train(False)
-        if mode and self.gg_config.release_audio_train_mode:
+            if getattr(self, enc) is not None:  # None: detached (fastground.model.detached)
+                getattr(self, enc).train(False)
+        if mode and self.gg_config.release_audio_train_mode and self.audio_encoder is not None:
             self.audio_encoder.train(True)
         return self
 

@@ -540,13 +540,15 @@ def build_run(cfg: TrainConfig, info: DistInfo) -> Run:
     cfg = fast_engine.apply_fast_path(cfg, model, device)
     from fastground import features
     cache = features.attach(cfg, model, data, prev_data, folders, info)  # --feature-cache
+    if cache:
+        cache.detach_encoders(model, output, rank)
     cfg = dataclasses.replace(cfg, packed=check_packing(cfg.loss_reduction, cfg.packed))
     packed, max_tokens = fast_engine.packing(cfg, model)
     cfg = dataclasses.replace(cfg, packed=packed, max_tokens=max_tokens)
     cfg = dataclasses.replace(cfg, checkpointing=fast_engine.apply_checkpointing(cfg, model, trainable, bf16,
                                                                                  world, device))
     n_train = sum(p.numel() for p in trainable.values())
-    n_all = sum(p.numel() for p in model.parameters())
+    n_all = sum(p.numel() for p in model.parameters()) + (cache.detached(model) if cache else 0)
     log.info("trainable: %s of %s parameters (%d tensors)%s", f"{n_train:,}", f"{n_all:,}", len(trainable),
              " with LoRA on the LLM" if cfg.lora else "")
 
@@ -563,8 +565,6 @@ def build_run(cfg: TrainConfig, info: DistInfo) -> Run:
              total, cfg.global_batch, cfg.micro_batch, cfg.grad_accum, world, warm)
 
     engine = _make_engine(cfg, model, trainable, total, warm, bf16, info)
-    if cache:
-        cache.park_encoders(engine.module)
     counters = {"tokens": 0, "samples": 0, "skipped": 0}
     step = _resume_or_seed(cfg, engine, td, output, info, total, counters)
 
