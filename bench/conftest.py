@@ -34,7 +34,7 @@ RELEASE_TRAIN = ((3, 8, 2048), (2, 16, 2048), (1, 64, 1024))
 TINY_TRAIN = ((3, 2, 64),)
 # Headline cases first: the whole training step, then the branches, then the parts.
 MODULE_ORDER = ("test_train_step", "test_video_branch", "test_audio_branch", "test_image_adapter",
-                "test_attention", "test_decoding")
+                "test_attention", "test_frozen_encoders", "test_decoding")
 
 
 def pytest_addoption(parser):

@@ -19,7 +19,7 @@ HERE = Path(__file__).resolve().parent
 RESULTS_DIR = HERE / "results"
 OUT = HERE.parent / "BENCHMARKS.md"
 
-BASELINE = {"decode_video": "pyav", "decode_audio": "pyav", "decode_clip": "float"}   # everything else: eager
+BASELINE = {"decode_video": "pyav", "decode_audio": "pyav", "decode_clip": "float", "frozen_encoders": "media"}   # everything else: eager
 TARGET_BATCH = 8
 VIDEO_VS_EAGER, VIDEO_VS_COMPILE = 4.0, 1.5
 ADAPTER_PCT = 85.0
