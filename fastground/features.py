@@ -286,8 +286,9 @@ class TrainingCache:
                             barrier=_barrier)
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
-        log.info("feature cache: the frozen encoders (%s, %.1fM parameters) are not built for training: read "
-                 "once for the weights fingerprint, then released; checkpoints copy them from %s",
+        log.info("feature cache: the frozen encoders (%s, %.1fM parameters) are not kept for training: read "
+                 "once for the weights fingerprint, then taken out of the model (never on the device); "
+                 "checkpoints copy them from %s",
                  names, det.numel / 1e6, det.directory)
 
 
